@@ -1,0 +1,1 @@
+"""Shared configuration models, errors and small types."""
