@@ -1,1 +1,1 @@
-
+"""Routed experts: grouped SwiGLU over (layer, expert) slots."""

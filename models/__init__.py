@@ -1,1 +1,1 @@
-
+"""Model definitions (pure torch): config, layers, attention kinds, checkpoints, ReferenceModel."""

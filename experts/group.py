@@ -1,0 +1,107 @@
+"""Routed experts as a group of (layer, expert) slots, computed with one GEMM pair per expert hit.
+
+An ExpertGroup holds the SwiGLU weights of any subset of slots. `forward` takes the rows an actor was sent
+and the (row, expert, weight) pairs to compute, and returns the weighted sum per row. Tokens are gathered
+per expert with index ops: the only Python loop is over the experts hit in this call.
+
+Legend: M = rows sent, P = (row, expert) pairs, D = hidden, I = expert intermediate, S = slots in a layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class ExpertGroup:
+    """SwiGLU experts for a set of slots. Weights: gate_up [2I, D] and down [D, I] per slot, fp32 compute."""
+
+    def __init__(self, hidden: int, inter: int, swiglu_limit: float | None = None,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        self.hidden, self.inter = hidden, inter
+        self.swiglu_limit = swiglu_limit
+        self.compute_dtype = compute_dtype
+        # layer -> (expert id -> slot index, gate_up [S, 2I, D], down [S, D, I])
+        self._layers: dict[int, tuple[dict[int, int], torch.Tensor, torch.Tensor]] = {}
+
+    # ---- slots ---------------------------------------------------------------------------------------
+    def load(self, layer: int, experts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add slots: expert id -> (gate_up [2I, D], down [D, I]). Replaces a slot already loaded."""
+        cur = dict(self.slots(layer).items()) if layer in self._layers else {}
+        weights = {e: self._weights_of(layer, e) for e in cur}
+        for e, (gu, dn) in experts.items():
+            if gu.shape != (2 * self.inter, self.hidden) or dn.shape != (self.hidden, self.inter):
+                raise ValueError(f"layer {layer} expert {e}: expected gate_up {(2 * self.inter, self.hidden)} and "
+                                 f"down {(self.hidden, self.inter)}, got {tuple(gu.shape)} and {tuple(dn.shape)}")
+            weights[e] = (gu.to(self.compute_dtype), dn.to(self.compute_dtype))
+        self._set(layer, weights)
+
+    def unload(self, layer: int, expert_ids: list[int]) -> None:
+        """Drop slots (for rebalancing and draining). Unknown ids raise KeyError naming them."""
+        cur = self.slots(layer)
+        missing = [e for e in expert_ids if e not in cur]
+        if missing:
+            raise KeyError(f"layer {layer}: experts {missing} are not loaded here (loaded: {sorted(cur)})")
+        keep = {e: self._weights_of(layer, e) for e in cur if e not in set(expert_ids)}
+        self._set(layer, keep)
+
+    def slots(self, layer: int) -> dict[int, int]:
+        return self._layers[layer][0] if layer in self._layers else {}
+
+    def loaded(self) -> dict[int, list[int]]:
+        """layer -> sorted expert ids held."""
+        return {layer: sorted(m) for layer, (m, _, _) in self._layers.items() if m}
+
+    def nbytes(self) -> int:
+        return sum(gu.nbytes + dn.nbytes for _, gu, dn in self._layers.values())
+
+    def _weights_of(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        m, gu, dn = self._layers[layer]
+        return gu[m[e]], dn[m[e]]
+
+    def _set(self, layer: int, weights: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if not weights:
+            self._layers.pop(layer, None)
+            return
+        ids = sorted(weights)
+        gu = torch.stack([weights[e][0] for e in ids])
+        dn = torch.stack([weights[e][1] for e in ids])
+        self._layers[layer] = ({e: i for i, e in enumerate(ids)}, gu, dn)
+
+    # ---- compute -------------------------------------------------------------------------------------
+    def forward(self, layer: int, x: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        """x [M, D]; pairs (pair_rows [P] into x, expert_ids [P], weights [P]) -> out [M, D] (fp32) with
+        out[m] = sum over pairs p with pair_rows[p] == m of weights[p] * expert_{expert_ids[p]}(x[m])."""
+        if layer not in self._layers:
+            raise KeyError(f"layer {layer} has no experts loaded here (loaded layers: {sorted(self._layers)})")
+        slot_of, gu, dn = self._layers[layer]
+        xs = x.to(self.compute_dtype)
+        out = torch.zeros(x.shape[0], self.hidden, dtype=self.compute_dtype)
+        if pair_rows.numel() == 0:
+            return out
+        table = torch.full((max(slot_of) + 1,), -1, dtype=torch.long)
+        table[list(slot_of)] = torch.tensor(list(slot_of.values()))
+        if int(expert_ids.max()) >= table.numel() or bool((table[expert_ids] < 0).any()):
+            held = sorted(slot_of)
+            bad = sorted({int(e) for e in expert_ids if int(e) >= table.numel() or table[int(e)] < 0})
+            raise KeyError(f"layer {layer}: experts {bad} are not loaded here (loaded: {held})")
+        slots = table[expert_ids]  # [P]
+        order = torch.argsort(slots, stable=True)
+        slots_sorted = slots[order]
+        counts = torch.bincount(slots_sorted, minlength=gu.shape[0]).tolist()
+        rows_sorted, w_sorted = pair_rows[order], weights[order].to(self.compute_dtype)
+        start = 0
+        for s, c in enumerate(counts):
+            if c == 0:
+                continue
+            rows = rows_sorted[start:start + c]
+            h = xs.index_select(0, rows) @ gu[s].t()  # [c, 2I]
+            gate, up = h.split(self.inter, dim=-1)
+            if self.swiglu_limit is not None:
+                gate = gate.clamp(max=self.swiglu_limit)
+                up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+            y = (F.silu(gate) * up) @ dn[s].t()  # [c, D]
+            out.index_add_(0, rows, y * w_sorted[start:start + c, None])
+            start += c
+        return out

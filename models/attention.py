@@ -1,0 +1,154 @@
+"""Attention kinds over a per-sequence cache: GQA (Mixtral, Qwen-MoE) and MLA (DeepSeek-V3).
+
+An attention module sees one sequence at a time: the new tokens' hidden states, the position of the first
+of them, and that sequence's cache for this layer (anything with `write` / `read`, see `LayerCache`). The
+same code therefore runs over the contiguous cache of the ReferenceModel and the paged cache of the engine.
+
+Legend: n = new tokens, L = cached + new tokens, D = hidden, H = heads, Hkv = KV heads, Dh = head dim,
+r = MLA latent rank, R = rope dim.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from moeray.kvstore.spec import LayerCacheSpec, gqa_spec, mla_spec
+from moeray.models.config import ModelConfig
+from moeray.models.layers import RMSNorm, Rotary, _yarn_mscale
+from torch import nn
+
+
+class LayerCache(Protocol):
+    """One sequence's cache for one layer. Rows are indexed from the start of the sequence."""
+
+    def write(self, name: str, start_row: int, rows: torch.Tensor) -> None:
+        """Store rows [start_row, start_row + len(rows)) of tensor `name` (mutates the cache)."""
+
+    def read(self, name: str, start_row: int, end_row: int) -> torch.Tensor:
+        """Rows [start_row, end_row) of tensor `name` -> [end_row - start_row, *row_shape]."""
+
+
+def causal_mask(start_pos: int, n: int, key_start: int, key_end: int, window: int) -> torch.Tensor | None:
+    """Boolean [n, L] mask (True = attend) for queries at start_pos.. over keys key_start..key_end-1."""
+    if n == 1 and window == 0:
+        return None  # a single query sees every cached key
+    q = torch.arange(start_pos, start_pos + n)[:, None]
+    k = torch.arange(key_start, key_end)[None, :]
+    mask = k <= q
+    if window:
+        mask &= (q - k) < window
+    return mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [n, H, Dq], k [L, Hkv, Dq], v [L, Hkv, Dv] -> [n, H * Dv]; KV heads repeat over their query group."""
+    n, h = q.shape[0], q.shape[1]
+    rep = h // k.shape[1]
+    qh = q.transpose(0, 1)  # [H, n, Dq]
+    kh = k.transpose(0, 1)  # [Hkv, L, Dq]
+    vh = v.transpose(0, 1)
+    if rep > 1:
+        kh = kh.repeat_interleave(rep, dim=0)
+        vh = vh.repeat_interleave(rep, dim=0)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)  # [H, n, Dv]
+    return out.transpose(0, 1).reshape(n, -1)
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention with optional q/k RMSNorm (Qwen3) and a sliding window."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        d, h, hkv, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.h, self.hkv, self.dh = h, hkv, dh
+        self.window = cfg.window(layer_id)
+        self.q_proj = nn.Linear(d, h * dh, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, hkv * dh, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, hkv * dh, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * dh, d, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(dh, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(dh, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = Rotary(cfg.rope, dh, cfg.max_position_embeddings)
+        self.scale = dh**-0.5
+
+    def cache_spec(self) -> LayerCacheSpec:
+        return gqa_spec(self.hkv, self.dh, window=self.window)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cache: LayerCache) -> torch.Tensor:  # [n, D] -> [n, D]
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.h, self.dh)
+        k = self.k_proj(x).view(n, self.hkv, self.dh)
+        v = self.v_proj(x).view(n, self.hkv, self.dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rotary.cos_sin(torch.arange(start_pos, start_pos + n))
+        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        cache.write("k", start_pos, k)
+        cache.write("v", start_pos, v)
+        end = start_pos + n
+        lo = max(0, start_pos - self.window + 1) if self.window else 0
+        keys, values = cache.read("k", lo, end), cache.read("v", lo, end)
+        out = attend(q, keys, values, causal_mask(start_pos, n, lo, end, self.window), self.scale)
+        return self.o_proj(out)
+
+
+class MLAttention(nn.Module):
+    """DeepSeek multi-head latent attention; caches the normalised latent [r] and the roped shared key [R]."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        d, h = cfg.hidden_size, cfg.num_attention_heads
+        self.h, self.r, self.rope_dim = h, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.nope, self.vdim = cfg.qk_nope_head_dim, cfg.v_head_dim
+        qk = self.nope + self.rope_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * qk, bias=False)
+        self.q_lora = cfg.q_lora_rank is not None
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.r + self.rope_dim, bias=cfg.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(self.r, 1e-6)
+        self.kv_b_proj = nn.Linear(self.r, h * (self.nope + self.vdim), bias=False)
+        self.o_proj = nn.Linear(h * self.vdim, d, bias=cfg.o_bias)
+        self.rotary = Rotary(cfg.rope, self.rope_dim, cfg.max_position_embeddings, interleave=cfg.rope_interleave)
+        scale = qk**-0.5
+        if cfg.rope.type != "default" and cfg.rope.mscale_all_dim:
+            m = _yarn_mscale(cfg.rope.factor, cfg.rope.mscale_all_dim)
+            scale = scale * m * m
+        self.scale = scale
+
+    def cache_spec(self) -> LayerCacheSpec:
+        return mla_spec(self.r, self.rope_dim)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cache: LayerCache) -> torch.Tensor:  # [n, D] -> [n, D]
+        n = x.shape[0]
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q = q.view(n, self.h, self.nope + self.rope_dim)
+        q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.r, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [n, r]
+        cos, sin = self.rotary.cos_sin(torch.arange(start_pos, start_pos + n))
+        q_rot = self.rotary.apply(q_rot, cos, sin)
+        k_rot = self.rotary.apply(k_rot, cos, sin)  # [n, R]
+        cache.write("latent", start_pos, latent)
+        cache.write("k_rope", start_pos, k_rot)
+        end = start_pos + n
+        lat_all, krot_all = cache.read("latent", 0, end), cache.read("k_rope", 0, end)  # [L, r], [L, R]
+        kv = self.kv_b_proj(lat_all).view(end, self.h, self.nope + self.vdim)
+        k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
+        k = torch.cat([k_nope, krot_all[:, None, :].expand(end, self.h, self.rope_dim)], dim=-1)
+        qf = torch.cat([q_nope, q_rot], dim=-1)
+        out = attend(qf, k, v, causal_mask(start_pos, n, 0, end, 0), self.scale)
+        return self.o_proj(out)
+
+
+def build_attention(cfg: ModelConfig, layer_id: int) -> nn.Module:
+    if cfg.attention_kind == "gqa":
+        return GQAttention(cfg, layer_id)
+    if cfg.attention_kind == "mla":
+        return MLAttention(cfg, layer_id)
+    raise ValueError(f"attention_kind {cfg.attention_kind!r} has no attention module here")

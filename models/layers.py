@@ -1,0 +1,108 @@
+"""Small building blocks shared by every family: RMSNorm, rotary embeddings, the SwiGLU MLP.
+
+Legend: N = tokens, D = hidden size, H = heads, Dh = head dim, R = rotary dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from moeray.models.config import RopeConfig
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU MLP (dense layers and shared experts)."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, D]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the cos/sin scaling factor for a rope type (as transformers computes them)."""
+    base = rope.theta
+    pos = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim
+    inv_freq = 1.0 / (base**pos)
+    if rope.type == "default":
+        return inv_freq, 1.0
+    if rope.type == "linear":
+        return inv_freq / rope.factor, 1.0
+    # yarn
+    factor = rope.factor
+    orig = rope.original_max_position_embeddings or max_position_embeddings
+    attn = rope.attention_factor
+    if attn is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attn = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
+        else:
+            attn = _yarn_mscale(factor)
+    beta_fast = rope.beta_fast or 32
+    beta_slow = rope.beta_slow or 1
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extra_factor = 1 - ramp
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    inv_extra, inv_inter = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    return inv_inter * (1 - extra_factor) + inv_extra * extra_factor, float(attn)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for positions; `apply` rotates the last dim of q/k (half-split or interleaved pairs)."""
+
+    def __init__(self, rope: RopeConfig, dim: int, max_position_embeddings: int, interleave: bool = False) -> None:
+        super().__init__()
+        inv_freq, self.scaling = rope_inv_freq(rope, dim, max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.interleave = interleave
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N] -> cos, sin [N, R]."""
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.scaling, emb.sin() * self.scaling
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [N, H, R] (or [N, R]) rotated by cos/sin [N, R]."""
+        if x.dim() == 3:
+            cos, sin = cos[:, None, :], sin[:, None, :]
+        if self.interleave:
+            half = cos.shape[-1] // 2
+            c, s = cos[..., :half], sin[..., :half]
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+        h = x.shape[-1] // 2
+        rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+        return x * cos + rot * sin

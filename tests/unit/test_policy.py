@@ -1,0 +1,96 @@
+"""Health and autoscaling policies driven by a fake clock."""
+
+import pytest
+from pydantic import ValidationError
+
+from moeray.router.policy import AutoscaleConfig, AutoscaleState, GroupStats, HealthTracker, decide_replicas
+
+CONFIG = AutoscaleConfig(min_replicas=1, max_replicas=4, target_utilization=0.5, upscale_delay_s=10,
+                         downscale_delay_s=30, cooldown_s=20)
+HOT, COLD, OK = GroupStats(busy_fraction=0.9), GroupStats(busy_fraction=0.1), GroupStats(busy_fraction=0.4)
+
+
+def drive(stats, replicas, times, config=CONFIG):
+    """Call decide_replicas at each time with the same stats, applying each decision; -> counts seen."""
+    state, seen = AutoscaleState(), []
+    for now in times:
+        replicas = decide_replicas(config, {0: stats}, {0: replicas}, now, state)[0]
+        seen.append(replicas)
+    return seen
+
+
+def test_scale_up_only_after_the_delay():
+    assert drive(HOT, 1, [0, 5, 9.9]) == [1, 1, 1]
+    assert drive(HOT, 1, [0, 5, 10]) == [1, 1, 2]
+
+
+def test_scale_up_jumps_proportionally():
+    assert drive(GroupStats(busy_fraction=1.0), 1, [0, 10])[-1] == 2
+    assert drive(GroupStats(busy_fraction=1.0), 2, [0, 10])[-1] == 4
+
+
+def test_queued_rows_count_as_hot():
+    assert drive(GroupStats(busy_fraction=0.3, queued_rows=5000), 1, [0, 10]) == [1, 2]
+
+
+def test_cooldown_separates_changes():
+    # up at 10; hot again from 15 but the next change waits for the cool-down (until 30)
+    assert drive(HOT, 1, [0, 10, 15, 25, 29.9, 30]) == [1, 2, 2, 2, 2, 4]
+
+
+def test_scale_down_one_at_a_time_after_the_delay():
+    assert drive(COLD, 3, [0, 29, 30, 45, 50, 70, 80]) == [3, 3, 2, 2, 2, 2, 1]
+
+
+def test_bounds_hold():
+    assert drive(HOT, 4, [0, 10, 100]) == [4, 4, 4]
+    assert drive(COLD, 1, [0, 100, 200]) == [1, 1, 1]
+    assert drive(OK, 6, [0]) == [4]  # above max: moved inside at once
+
+
+def test_a_break_in_the_load_restarts_the_timer():
+    state = AutoscaleState()
+    for now, stats in [(0, HOT), (5, OK), (12, HOT), (21.9, HOT)]:
+        assert decide_replicas(CONFIG, {0: stats}, {0: 1}, now, state) == {0: 1}
+    assert decide_replicas(CONFIG, {0: HOT}, {0: 1}, 22, state) == {0: 2}
+
+
+def test_missing_stats_keep_the_count():
+    assert decide_replicas(CONFIG, {}, {0: 2}, 100, AutoscaleState()) == {0: 2}
+
+
+def test_config_rejects_inverted_bounds_and_unknown_fields():
+    with pytest.raises(ValidationError, match=r"max_replicas \(1\) must be >= min_replicas \(2\)"):
+        AutoscaleConfig(min_replicas=2, max_replicas=1)
+    with pytest.raises(ValidationError, match="extra"):
+        AutoscaleConfig(max_replica=3)
+    with pytest.raises(ValidationError):
+        AutoscaleConfig(target_utilization=0.0)
+
+
+def test_unhealthy_after_threshold_failures():
+    tracker = HealthTracker(failure_threshold=3, recovery_successes=2)
+    assert [tracker.record_failure(7, now=t) for t in (0, 1, 2)] == [False, False, True]
+    assert tracker.unhealthy() == {7}
+    assert tracker.unhealthy_for_s(7, now=12) == 10
+
+
+def test_a_success_resets_the_failure_count():
+    tracker = HealthTracker(failure_threshold=2)
+    tracker.record_failure(1, now=0)
+    tracker.record_success(1, now=1)
+    tracker.record_failure(1, now=2)
+    assert tracker.is_healthy(1)
+
+
+def test_died_is_unhealthy_at_once_and_recovers_after_successes():
+    tracker = HealthTracker(failure_threshold=3, recovery_successes=2)
+    assert tracker.record_died(4, now=0)
+    assert not tracker.is_healthy(4)
+    assert not tracker.record_success(4, now=1)
+    assert tracker.record_success(4, now=2)
+    assert tracker.is_healthy(4) and tracker.unhealthy_for_s(4, now=3) == 0.0
+
+
+def test_unknown_actors_are_healthy():
+    assert HealthTracker().is_healthy(99)
