@@ -251,7 +251,8 @@ def _qwen_moe_layers(hf: dict[str, Any]) -> tuple[int, ...]:
         raise ValueError(f"decoder_sparse_step: must be >= 1, got {step}")
     only = set(hf.get("mlp_only_layers") or [])
     n = hf["num_hidden_layers"]
-    return tuple(i for i in range(n) if i not in only and _num_experts(hf, "num_experts", "num_local_experts") > 0 and (i + 1) % step == 0)
+    has_experts = _num_experts(hf, "num_experts", "num_local_experts") > 0
+    return tuple(i for i in range(n) if i not in only and has_experts and (i + 1) % step == 0)
 
 
 def _windows(hf: dict[str, Any], all_layers_default: bool) -> tuple[int, ...]:
@@ -280,7 +281,8 @@ def _qwen2_moe(hf: dict[str, Any]) -> dict[str, Any]:
     f = _common(hf)
     use_sw = hf.get("use_sliding_window", False)
     hf_sw = dict(hf, sliding_window=hf.get("sliding_window") if use_sw else 0)
-    f.update(num_experts=_num_experts(hf, "num_experts", "num_local_experts"), moe_intermediate_size=hf["moe_intermediate_size"],
+    f.update(num_experts=_num_experts(hf, "num_experts", "num_local_experts"),
+             moe_intermediate_size=hf["moe_intermediate_size"],
              moe_layers=_qwen_moe_layers(hf), norm_topk_prob=hf.get("norm_topk_prob", False),
              qkv_bias=hf.get("qkv_bias", True), shared_intermediate_size=hf.get("shared_expert_intermediate_size", 0),
              shared_expert_gate=hf.get("shared_expert_intermediate_size", 0) > 0,
@@ -291,7 +293,8 @@ def _qwen2_moe(hf: dict[str, Any]) -> dict[str, Any]:
 def _qwen3_moe(hf: dict[str, Any]) -> dict[str, Any]:
     f = _common(hf)
     use_sw = hf.get("use_sliding_window", False)
-    f.update(num_experts=_num_experts(hf, "num_experts", "num_local_experts"), moe_intermediate_size=hf["moe_intermediate_size"],
+    f.update(num_experts=_num_experts(hf, "num_experts", "num_local_experts"),
+             moe_intermediate_size=hf["moe_intermediate_size"],
              moe_layers=_qwen_moe_layers(hf), norm_topk_prob=hf.get("norm_topk_prob", False),
              qkv_bias=hf.get("attention_bias", False), o_bias=hf.get("attention_bias", False), qk_norm=True,
              layer_windows=_windows(hf, all_layers_default=True) if use_sw else ())
