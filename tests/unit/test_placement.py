@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeray.router.placement import actor_loads, imbalance, rebalance, replicate_experts
+from moeray.router.placement import actor_loads, imbalance, pack_replicas, rebalance, replicate_experts
 from moeray.router.table import RoutingTable
 
 NUM_LAYERS, NUM_EXPERTS, NUM_GROUPS = 4, 16, 4
@@ -79,3 +79,13 @@ def test_invalid_slot_counts_suggest_a_fix():
         rebalance(zipf_load(), NUM_GROUPS, 3)
     with pytest.raises(ValueError, match="non-negative"):
         rebalance(-zipf_load(), NUM_GROUPS, 4)
+
+
+def test_packing_never_puts_two_replicas_of_an_expert_on_one_actor():
+    # greedy fills actor 1 with light experts 1-3 while actor 0 holds the heavy expert 0; the second
+    # replica of expert 4 then only fits on actor 0, which has the first: packing swaps one item out
+    load, logcnt = torch.tensor([100.0, 1.0, 1.0, 1.0, 2.0]), torch.tensor([1, 1, 1, 1, 2])
+    phy2log = pack_replicas(load, logcnt, num_groups=2).tolist()
+    actors = [set(phy2log[:3]), set(phy2log[3:])]
+    assert all(4 in a and len(a) == 3 for a in actors)
+    assert sorted(phy2log) == [0, 1, 2, 3, 4, 4]

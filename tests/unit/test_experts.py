@@ -1,0 +1,80 @@
+"""The grouped expert GEMM against a per-token loop; slot loading and clear errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeray.experts.group import ExpertGroup
+
+D, I, E = 16, 24, 6
+
+
+def weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {e: (torch.randn(2 * I, D, generator=g) * 0.3, torch.randn(D, I, generator=g) * 0.3) for e in range(E)}
+
+
+def per_token_reference(w, x, rows, ids, ws, limit=None):
+    out = torch.zeros(x.shape[0], D, dtype=torch.float64)
+    for r, e, wt in zip(rows.tolist(), ids.tolist(), ws.tolist()):
+        gu, dn = w[e]
+        h = gu.double() @ x[r].double()
+        gate, up = h[:I], h[I:]
+        if limit is not None:
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        out[r] += wt * (dn.double() @ (F.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("limit", [None, 0.5])
+def test_grouped_gemm_matches_per_token_loop(limit):
+    w = weights()
+    grp = ExpertGroup(D, I, swiglu_limit=limit)
+    grp.load(3, w)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, D, generator=g)
+    rows = torch.randint(0, 20, (50,), generator=g)
+    ids = torch.randint(0, E, (50,), generator=g)
+    ws = torch.rand(50, generator=g)
+    out = grp.forward(3, x, rows, ids, ws)
+    assert torch.allclose(out.double(), per_token_reference(w, x, rows, ids, ws, limit), atol=1e-5)
+
+
+def test_empty_pairs_give_zeros():
+    grp = ExpertGroup(D, I)
+    grp.load(0, weights())
+    out = grp.forward(0, torch.randn(4, D), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                      torch.empty(0))
+    assert torch.equal(out, torch.zeros(4, D))
+
+
+def test_unknown_layer_and_expert_are_clear_errors():
+    grp = ExpertGroup(D, I)
+    w = weights()
+    grp.load(0, {0: w[0], 2: w[2]})
+    with pytest.raises(KeyError, match="layer 5"):
+        grp.forward(5, torch.randn(1, D), torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]))
+    with pytest.raises(KeyError, match=r"experts \[1\] are not loaded"):
+        grp.forward(0, torch.randn(1, D), torch.tensor([0]), torch.tensor([1]), torch.tensor([1.0]))
+
+
+def test_load_and_unload_slots_at_run_time():
+    grp = ExpertGroup(D, I)
+    w = weights()
+    grp.load(0, {0: w[0], 1: w[1]})
+    grp.load(0, {4: w[4]})
+    assert grp.loaded() == {0: [0, 1, 4]}
+    grp.unload(0, [1])
+    assert grp.loaded() == {0: [0, 4]}
+    x = torch.randn(2, D)
+    out = grp.forward(0, x, torch.tensor([0, 1]), torch.tensor([4, 0]), torch.tensor([1.0, 0.5]))
+    ref = per_token_reference(w, x, torch.tensor([0, 1]), torch.tensor([4, 0]), torch.tensor([1.0, 0.5]))
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    with pytest.raises(KeyError, match="not loaded"):
+        grp.unload(0, [1])
+
+
+def test_wrong_weight_shape_is_rejected():
+    grp = ExpertGroup(D, I)
+    with pytest.raises(ValueError, match="expected gate_up"):
+        grp.load(0, {0: (torch.zeros(I, D), torch.zeros(D, I))})
