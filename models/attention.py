@@ -14,10 +14,11 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from moeray.kvstore.spec import LayerCacheSpec, gqa_spec, mla_spec
 from moeray.models.config import ModelConfig
 from moeray.models.layers import RMSNorm, Rotary, _yarn_mscale
-from torch import nn
 
 
 class LayerCache(Protocol):

@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from moeray.common.errors import CheckpointError
-from moeray.models.config import ModelConfig
 from safetensors import safe_open
 from torch import nn
+
+from moeray.common.errors import CheckpointError
+from moeray.models.config import ModelConfig
 
 
 class Checkpoint:

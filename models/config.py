@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from moeray.common.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from moeray.common.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v4")
 

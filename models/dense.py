@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+
 from moeray.kvstore.spec import ModelCacheSpec
 from moeray.models.attention import LayerCache, build_attention
 from moeray.models.config import ModelConfig
 from moeray.models.layers import MLP, RMSNorm
 from moeray.router.gate import Gate
-from torch import nn
 
 
 @dataclass(slots=True)

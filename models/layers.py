@@ -9,8 +9,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from moeray.models.config import RopeConfig
 from torch import nn
+
+from moeray.models.config import RopeConfig
 
 
 class RMSNorm(nn.Module):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
 from moeray.experts.group import ExpertGroup
 from moeray.models.checkpoint import Checkpoint, load_dense, load_expert_weights
 from moeray.models.config import ModelConfig

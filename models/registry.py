@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from moeray.models.config import ModelConfig
 from moeray.models.dense import DenseModel
-from torch import nn
 
 
 def build_dense_model(cfg: ModelConfig) -> nn.Module:

@@ -1,10 +1,9 @@
 """Gate functions against naive per-token references, including ties and group-limited selection."""
 
-import itertools
 
 import torch
 
-from moeray.router.gate import grouped_sigmoid_topk, softmax_topk
+from moeray.router.gate import grouped_sigmoid_topk
 
 
 def naive_softmax_topk(logits, k, renorm):
