@@ -71,7 +71,7 @@ def test_none_codec_is_bit_exact(dtype):
     block = random_block(SPEC, dtype)
     block[0]["k"][0, 0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])
     out = decode_block(encode_block(block, "none"))
-    for layer_in, layer_out in zip(block, out):
+    for layer_in, layer_out in zip(block, out, strict=True):
         for name, x in layer_in.items():
             assert layer_out[name].dtype == dtype
             assert torch.equal(layer_out[name].view(torch.int16), x.view(torch.int16))
@@ -123,7 +123,7 @@ def test_block_round_trip_keeps_layers_names_shapes_and_dtypes(codec):
     block = random_block(SPEC, torch.bfloat16, seed=4)
     out = decode_block(encode_block(block, codec))
     assert [list(layer) for layer in out] == [list(layer) for layer in block]
-    for layer_in, layer_out in zip(block, out):
+    for layer_in, layer_out in zip(block, out, strict=True):
         for name, x in layer_in.items():
             assert layer_out[name].shape == x.shape and layer_out[name].dtype == x.dtype
 
@@ -192,3 +192,15 @@ def test_lossy_codecs_reject_non_finite_values_naming_the_tensor(codec):
 def test_fp16_rejects_values_out_of_range():
     with pytest.raises(ValueError, match="65504"):
         encode_block([{"k": torch.full((1, 2), 1e6)}], "fp16")
+
+
+def test_a_well_framed_but_meaningless_header_is_corrupt():
+    from moeray.kvstore.frame import pack_frame
+
+    bogus = {"codec": "int3", "params": {}, "layers": [[{"name": "k", "dtype": "float32", "shape": [1], "parts": {}}]]}
+    with pytest.raises(CorruptBlockError, match="int3"):
+        decode_block(pack_frame(bogus, [b"\0" * 4]))
+    outside = {**bogus, "codec": "none"}
+    outside["layers"] = [[{"name": "k", "dtype": "float32", "shape": [1], "parts": {"data": [2, 4]}}]]
+    with pytest.raises(CorruptBlockError, match="outside the body"):
+        decode_block(pack_frame(outside, [b"\0" * 4]))

@@ -46,14 +46,14 @@ def test_a_differing_token_changes_its_block_key_and_every_later_key(tokens, pos
     a, b = keys(tokens), keys(changed)
     block = pos // B
     assert a[:block] == b[:block]
-    assert all(x != y for x, y in zip(a[block:], b[block:]))
+    assert all(x != y for x, y in zip(a[block:], b[block:], strict=True))
 
 
 def test_model_id_and_codec_change_every_key():
     tokens = list(range(3 * B))
     base = keys(tokens)
     for other in (keys(tokens, model_id="m2"), keys(tokens, codec="int8")):
-        assert all(x != y for x, y in zip(base, other))
+        assert all(x != y for x, y in zip(base, other, strict=True))
 
 
 def test_fields_are_length_prefixed():

@@ -37,6 +37,11 @@ def test_put_get_contains_delete():
     assert store.delete(key(0)) is False
 
 
+def test_keys_lists_memory_then_disk(tmp_path):
+    store = filled(4, spill_dir=tmp_path)  # 0 spilled
+    assert store.keys() == [key(1), key(2), key(3), key(0)]
+
+
 def test_least_recently_used_block_is_evicted_first():
     store = filled(3)  # 0, 1, 2 fill 300 bytes
     store.get(key(0))  # now 1 is the least recently used
