@@ -1,0 +1,182 @@
+"""The step loop: schedule -> run -> postprocess. No Ray; the gating actor wraps it.
+
+    engine = Engine(dense, transport, EngineConfig(...))
+    engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=32, temperature=0.0))
+    while engine.has_unfinished():
+        deltas = engine.step()          # one StepDelta per sequence that produced a token (or finished)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moeray.common.errors import RequestError
+from moeray.common.sampling import RequestOutput, SamplingParams, StepDelta
+from moeray.engine.block_manager import BlockManager
+from moeray.engine.paged_cache import PagedKVCache
+from moeray.engine.runner import ModelRunner
+from moeray.engine.sampler import make_generator, sample
+from moeray.engine.scheduler import ScheduledChunk, Scheduler
+from moeray.engine.sequence import Sequence, SeqStatus
+from moeray.engine.transport import ExpertTransport
+
+
+class RequestTooLargeError(RequestError):
+    """A request can never fit the KV-cache budget or the model's context."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int = 512
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    micro_batches: int = 1
+
+    def __post_init__(self) -> None:
+        assert self.block_size > 0 and self.num_blocks > 0 and self.max_num_batched_tokens > 0
+        assert self.max_num_seqs > 0 and self.micro_batches >= 1
+
+
+class Engine:
+    def __init__(self, dense: torch.nn.Module, transport: ExpertTransport, config: EngineConfig,
+                 decode: Callable[[list[int]], str] | None = None) -> None:
+        self.dense, self.cfg, self.config = dense, dense.cfg, config
+        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        self.cache = PagedKVCache(dense.cache_spec(), config.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
+        self.runner = ModelRunner(dense, self.cache, transport, config.micro_batches)
+        self.transport = transport
+        self.decode = decode
+        self.seqs: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError (naming the problem) if the request can never be served."""
+        params.validate()
+        if not prompt_ids:
+            raise RequestError("prompt is empty: send at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.cfg.max_position_embeddings:
+            raise RequestTooLargeError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
+                f"context of {self.cfg.max_position_embeddings} tokens: shorten the prompt or lower max_tokens")
+        need = self.blocks.blocks_for(total)
+        if need > self.config.num_blocks:
+            raise RequestTooLargeError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV blocks but "
+                f"the cache has {self.config.num_blocks}: lower max_tokens or raise kv_cache_blocks")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        self.check_request(prompt_ids, params)
+        seq = Sequence(request_id, list(prompt_ids), params, arrival=next(self._arrivals),
+                       generator=None if params.greedy else make_generator(params.seed))
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its blocks. False if it is unknown or already finished."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None or seq.finished:
+            return False
+        self.scheduler.finish(seq, "cancelled")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free
+
+    # ---- the step --------------------------------------------------------------------------------------
+    def step(self) -> list[StepDelta]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        logits = self.runner.run(chunks)
+        return self._postprocess(chunks, logits)
+
+    def _postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[StepDelta]:
+        sampling = [c for c in chunks if c.samples]
+        for c in chunks:
+            c.seq.num_computed += c.num_tokens
+            if c.start < len(c.seq.prompt_ids):
+                self.stats["prefill_tokens"] += c.num_tokens
+            else:
+                self.stats["decode_tokens"] += c.num_tokens
+        self.stats["steps"] += 1
+        tokens, logprobs = sample(logits, [c.seq for c in sampling]) if sampling else ([], [])
+        deltas = []
+        for c, tok, lp in zip(sampling, tokens, logprobs, strict=True):
+            seq = c.seq
+            seq.output_ids.append(tok)
+            if lp is not None:
+                seq.output_logprobs.append(lp)
+            reason = self._stop_reason(seq, tok)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.seqs.pop(seq.request_id, None)
+            deltas.append(StepDelta(seq.request_id, [tok], [lp] if lp is not None else None, reason))
+        return deltas
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and tok in self.cfg.eos_token_ids:
+            return "eos"
+        if tok in p.stop_token_ids:
+            return "stop"
+        if p.stop and self.decode is not None:
+            longest = max(len(s) for s in p.stop)
+            tail = self.decode(seq.output_ids[-(longest + 8):])
+            if any(s in tail for s in p.stop):
+                return "stop"
+        if len(seq.output_ids) >= p.max_tokens:
+            return "length"
+        return None
+
+    # ---- convenience -----------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Run a batch to completion. Every request is checked before any work starts."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):
+            try:
+                self.check_request(p, sp)
+            except RequestError as e:
+                raise type(e)(f"request {i}: {e}") from None
+        base = next(self._arrivals)
+        outs = {}
+        for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):
+            rid = f"gen-{base}-{i}"
+            self.add_request(rid, p, sp)
+            outs[rid] = RequestOutput(rid, list(p), logprobs=[] if sp.logprobs else None)
+        while any(not o.finished for o in outs.values()):
+            for d in self.step():
+                o = outs.get(d.request_id)
+                if o is None:
+                    continue
+                o.token_ids.extend(d.token_ids)
+                if d.logprobs and o.logprobs is not None:
+                    o.logprobs.extend(d.logprobs)
+                o.finish_reason = d.finish_reason
+        return list(outs.values())
+
+    def running_status(self) -> dict[str, int]:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "free_blocks": self.blocks.num_free, "preemptions": self.scheduler.num_preemptions,
+                **self.stats}
+
+
+def sequence_status(seq: Sequence) -> SeqStatus:
+    return seq.status

@@ -1,0 +1,47 @@
+"""How the engine reaches the routed experts: `ExpertTransport`. `LocalTransport` runs expert groups in
+process; the Ray transport (moeray.actors.transport) calls expert-group actors. Same engine code for both.
+
+A call is split in `submit` (dispatch, start the work) and `wait` (combine) so the engine can compute the
+shared expert and other micro-batches' attention while the experts run.
+Legend: N = tokens, K = experts per token, D = hidden.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from moeray.experts.group import ExpertGroup
+from moeray.router.dispatch import combine, gather_inputs, plan_dispatch
+from moeray.router.table import RoutingTable
+
+
+class ExpertTransport(Protocol):
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Any:
+        """Start the routed experts of `layer` on x [N, D] with ids/weights [N, K]; returns a handle."""
+
+    def wait(self, handle: Any) -> torch.Tensor:
+        """The weighted routed-expert output [N, D] of a submitted call."""
+
+    def set_table(self, table: RoutingTable) -> None:
+        """Use a new routing table from the next call on."""
+
+
+class LocalTransport:
+    """Expert groups in this process, keyed by actor id as in the routing table."""
+
+    def __init__(self, groups: dict[int, ExpertGroup], table: RoutingTable) -> None:
+        self.groups, self.table = groups, table
+
+    def set_table(self, table: RoutingTable) -> None:
+        self.table = table
+
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        batches = plan_dispatch(ids, weights, self.table.layer_slots(layer), layer=layer)
+        outs = [self.groups[b.actor_id].forward(layer, gather_inputs(x, b), b.pair_rows, b.slot_ids, b.weights)
+                for b in batches]
+        return combine(x.shape[0], x.shape[1], batches, outs, dtype=torch.float32)
+
+    def wait(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
