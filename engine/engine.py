@@ -21,12 +21,8 @@ from moeray.engine.paged_cache import PagedKVCache
 from moeray.engine.runner import ModelRunner
 from moeray.engine.sampler import make_generator, sample
 from moeray.engine.scheduler import ScheduledChunk, Scheduler
-from moeray.engine.sequence import Sequence, SeqStatus
+from moeray.engine.sequence import Sequence
 from moeray.engine.transport import ExpertTransport
-
-
-class RequestTooLargeError(RequestError):
-    """A request can never fit the KV-cache budget or the model's context."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +36,31 @@ class EngineConfig:
     def __post_init__(self) -> None:
         assert self.block_size > 0 and self.num_blocks > 0 and self.max_num_batched_tokens > 0
         assert self.max_num_seqs > 0 and self.micro_batches >= 1
+
+
+class RequestTooLargeError(RequestError):
+    """A request can never fit the KV-cache budget or the model's context."""
+
+
+def validate_request(cfg, config: EngineConfig, prompt_ids: list[int], params: SamplingParams) -> None:
+    """Raise RequestError naming the problem if this request can never be served by an engine with `config`."""
+    params.validate()
+    if not prompt_ids:
+        raise RequestError("prompt is empty: send at least one token")
+    bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)]
+    if bad:
+        raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{cfg.vocab_size - 1}")
+    total = len(prompt_ids) + params.max_tokens
+    if total > cfg.max_position_embeddings:
+        raise RequestTooLargeError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
+            f"context of {cfg.max_position_embeddings} tokens: shorten the prompt or lower max_tokens")
+    need = -(-total // config.block_size)
+    if need > config.num_blocks:
+        raise RequestTooLargeError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV blocks of "
+            f"{config.block_size} tokens but the cache has {config.num_blocks}: lower max_tokens or raise "
+            "kv_cache_blocks")
 
 
 class Engine:
@@ -59,22 +80,7 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestError (naming the problem) if the request can never be served."""
-        params.validate()
-        if not prompt_ids:
-            raise RequestError("prompt is empty: send at least one token")
-        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{self.cfg.vocab_size - 1}")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.cfg.max_position_embeddings:
-            raise RequestTooLargeError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
-                f"context of {self.cfg.max_position_embeddings} tokens: shorten the prompt or lower max_tokens")
-        need = self.blocks.blocks_for(total)
-        if need > self.config.num_blocks:
-            raise RequestTooLargeError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV blocks but "
-                f"the cache has {self.config.num_blocks}: lower max_tokens or raise kv_cache_blocks")
+        validate_request(self.cfg, self.config, prompt_ids, params)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.seqs:
@@ -176,7 +182,3 @@ class Engine:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "free_blocks": self.blocks.num_free, "preemptions": self.scheduler.num_preemptions,
                 **self.stats}
-
-
-def sequence_status(seq: Sequence) -> SeqStatus:
-    return seq.status

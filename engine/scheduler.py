@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from moeray.engine.block_manager import BlockManager
-from moeray.engine.sequence import Sequence, SeqStatus
+from moeray.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(slots=True)

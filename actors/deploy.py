@@ -1,0 +1,189 @@
+"""deploy(): the distributed system on the current Ray cluster (a local Ray is started if none runs).
+
+    dep = deploy(ServeConfig(model=path, num_expert_groups=4))
+    outs = dep.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=32, temperature=0.0))
+    dep.shutdown()
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+
+from moeray.actors.expert import make_expert_actor
+from moeray.actors.gating import engine_config, load_tokenizer, make_gating_actor
+from moeray.common.config import ServeConfig
+from moeray.common.errors import BackendUnavailableError, RequestError
+from moeray.common.sampling import RequestOutput, SamplingParams, StepDelta
+from moeray.engine.engine import validate_request
+from moeray.models.config import ModelConfig
+from moeray.router.table import RoutingTable
+
+
+def _progress(msg: str) -> None:
+    print(f"[moeray] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_ray(address: str | None = None, namespace: str = "moeray", num_cpus: int | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS), or start a local Ray without the dashboard."""
+    if ray.is_initialized():
+        return
+    kw: dict[str, Any] = dict(namespace=namespace, log_to_driver=True)
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        import os
+
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(**kw)
+        else:
+            ray.init(include_dashboard=False, num_cpus=num_cpus, **kw)
+
+
+def build_table(cfg: ServeConfig, model_cfg: ModelConfig) -> RoutingTable:
+    if cfg.num_expert_groups > model_cfg.num_experts:
+        raise ValueError(f"num_expert_groups ({cfg.num_expert_groups}) must be <= the model's "
+                         f"{model_cfg.num_experts} experts")
+    make = RoutingTable.round_robin if cfg.placement == "round_robin" else RoutingTable.blocks
+    return make(list(model_cfg.moe_layers), model_cfg.num_experts, cfg.num_expert_groups,
+                replicas=cfg.expert_replicas)
+
+
+class Deployment:
+    """Handles to a running system: expert-group actors, gating actors, the routing table."""
+
+    def __init__(self, config: ServeConfig, model_cfg: ModelConfig, table: RoutingTable,
+                 expert_actors: dict[int, Any], gating: list[Any]) -> None:
+        self.config, self.model_cfg, self.table = config, model_cfg, table
+        self.expert_actors, self.gating = expert_actors, gating
+        self.engine_config = engine_config(config)
+        self.tokenizer = load_tokenizer(config.model)
+        self._ids = itertools.count()
+        self._rr = itertools.count()
+
+    # ---- batch API -----------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 timeout_s: float = 600.0) -> list[RequestOutput]:
+        """Generate for every prompt (token ids). Each request is checked before any work starts: one that can
+        never fit is rejected with a ValueError naming it."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(plist)} SamplingParams")
+        for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):
+            try:
+                validate_request(self.model_cfg, self.engine_config, list(p), sp)
+            except RequestError as e:
+                raise type(e)(f"request {i}: {e}") from None
+        tag = uuid.uuid4().hex[:8]
+        outs: dict[str, RequestOutput] = {}
+        by_actor: dict[int, list[str]] = {}
+        submits = []
+        for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):
+            rid = f"{tag}-{i}"
+            gi = self._pick()
+            outs[rid] = RequestOutput(rid, list(p), logprobs=[] if sp.logprobs else None)
+            by_actor.setdefault(gi, []).append(rid)
+            submits.append(self.gating[gi].submit.remote(rid, list(p), sp))
+        ray.get(submits)
+        deadline = time.monotonic() + timeout_s
+        while any(not o.finished for o in outs.values()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"generate did not finish within {timeout_s}s")
+            polls = {gi: self.gating[gi].poll.remote([r for r in rids if not outs[r].finished], 1.0)
+                     for gi, rids in by_actor.items() if any(not outs[r].finished for r in rids)}
+            for got in ray.get(list(polls.values())):
+                for rid, deltas in got.items():
+                    _apply(outs[rid], deltas)
+        for o in outs.values():
+            if o.finish_reason and o.finish_reason.startswith("error"):
+                raise BackendUnavailableError(f"request {o.request_id} failed: {o.finish_reason}")
+            if self.tokenizer is not None:
+                o.text = self.tokenizer.decode(o.token_ids)
+        return list(outs.values())
+
+    # ---- streaming API (the front end's backend) ---------------------------------------------------------
+    async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     gating_index: int | None = None) -> AsyncIterator[StepDelta]:
+        gi = self._pick() if gating_index is None else gating_index
+        actor = self.gating[gi]
+        await actor.submit.remote(request_id, list(prompt_ids), params)
+        try:
+            while True:
+                got = await actor.poll.remote([request_id], 1.0)
+                for d in got.get(request_id, []):
+                    yield d
+                    if d.finish_reason is not None:
+                        return
+        finally:
+            # client gone or error: free the request's blocks
+            try:
+                await actor.cancel.remote(request_id)
+            except Exception:  # noqa: BLE001 - best effort on teardown
+                pass
+
+    def new_request_id(self) -> str:
+        return f"req-{uuid.uuid4().hex[:12]}"
+
+    def _pick(self) -> int:
+        return next(self._rr) % len(self.gating)
+
+    # ---- operations ------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        gst = ray.get([g.status.remote() for g in self.gating])
+        est = ray.get([a.stats.remote() for a in self.expert_actors.values()])
+        return {"table_version": self.table.version, "gating": gst, "experts": est}
+
+    def num_free_blocks(self) -> list[int]:
+        return ray.get([g.num_free_blocks.remote() for g in self.gating])
+
+    def shutdown(self) -> None:
+        """Kill every actor of this deployment (the Ray session itself stays up)."""
+        for a in list(self.gating) + list(self.expert_actors.values()):
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.gating, self.expert_actors = [], {}
+
+
+def _apply(out: RequestOutput, deltas: list[StepDelta]) -> None:
+    for d in deltas:
+        out.token_ids.extend(d.token_ids)
+        if d.logprobs and out.logprobs is not None:
+            out.logprobs.extend(d.logprobs)
+        if d.finish_reason is not None:
+            out.finish_reason = d.finish_reason
+
+
+def deploy(config: ServeConfig | None = None, address: str | None = None, **fields: Any) -> Deployment:
+    """Start expert-group actors and gating actors for `config` on the current Ray cluster (or a local one)."""
+    cfg = config or ServeConfig.build(**fields)
+    model_cfg = ModelConfig.from_pretrained(cfg.model)
+    table = build_table(cfg, model_cfg)
+    ensure_ray(address, cfg.namespace)
+    t0 = time.monotonic()
+    experts: dict[int, Any] = {}
+    if cfg.transport == "ray":
+        _progress(f"starting {len(table.actor_ids)} expert-group actors on {cfg.device} "
+                  f"({model_cfg.num_experts} experts x {model_cfg.num_moe_layers} MoE layers)")
+        for a in table.actor_ids:
+            experts[a] = make_expert_actor(cfg.model, table.actor_slots(a), a, cfg.device, cfg.expert_num_cpus,
+                                           cfg.allow_cpu_fallback, cfg.torch_threads, cfg.max_restarts)
+    _progress(f"starting {cfg.num_gating_actors} gating actor(s)")
+    gating = [make_gating_actor(cfg, table, experts or None, i) for i in range(cfg.num_gating_actors)]
+    pending = [a.ping.remote() for a in experts.values()] + [g.ping.remote() for g in gating]
+    total, done = len(pending), 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=600)
+        if not ready:
+            raise BackendUnavailableError("actors did not start within 600 s: check `ray status` for resources")
+        ray.get(ready)  # raises the actor's construction error, if any
+        done += 1
+        _progress(f"loaded {done}/{total} actors ({time.monotonic() - t0:.1f}s)")
+    return Deployment(cfg, model_cfg, table, experts, gating)

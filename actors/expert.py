@@ -1,0 +1,94 @@
+"""ExpertGroupActor: the routed experts of some (layer, expert) slots, loaded from the checkpoint.
+
+Stateless apart from its weights: any replica holding a slot can serve it; slots can be loaded and unloaded
+at run time (rebalancing, draining). Arrays cross the object store as numpy (cheapest for Ray).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+
+import numpy as np
+import ray
+import torch
+
+from moeray.actors.devices import actor_options, torch_device
+from moeray.experts.group import ExpertGroup
+from moeray.models.checkpoint import Checkpoint, load_expert_weights
+from moeray.models.config import ModelConfig
+from moeray.models.registry import expert_group_kwargs
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """Zero-copy view of an object-store array. They are read-only; the expert math never writes its inputs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+class ExpertGroupActor:
+    def __init__(self, model_path: str, slots: dict[int, list[int]], device: str = "cpu",
+                 allow_cpu_fallback: bool = False, torch_threads: int = 1, actor_id: int = 0) -> None:
+        torch.set_num_threads(torch_threads)
+        self.actor_id = actor_id
+        self.device_kind = device
+        self.device = torch_device(device, allow_cpu_fallback)
+        self.model_path = model_path
+        self.cfg = ModelConfig.from_pretrained(model_path)
+        self.ckpt = Checkpoint(model_path)
+        self.group = ExpertGroup(**expert_group_kwargs(self.cfg))
+        self.load_slots(slots)
+        self._busy_s = 0.0
+        self._rows = 0
+        self._calls = 0
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def forward(self, layer: int, x: np.ndarray, pair_rows: np.ndarray, slot_ids: np.ndarray,
+                weights: np.ndarray) -> np.ndarray:
+        """x [M, D] float32, pairs [P] -> [M, D] float32 (weighted expert outputs per row)."""
+        t0 = time.perf_counter()
+        out = self.group.forward(layer, as_tensor(x), as_tensor(pair_rows), as_tensor(slot_ids), as_tensor(weights))
+        self._busy_s += time.perf_counter() - t0
+        self._rows += int(pair_rows.shape[0])
+        self._calls += 1
+        return out.numpy()
+
+    def load_slots(self, slots: dict[int, list[int]]) -> dict[int, list[int]]:
+        """Load (layer -> expert ids) from the checkpoint; returns what is loaded now."""
+        for layer, experts in load_expert_weights(self.cfg, self.ckpt, {int(k): v for k, v in slots.items()}).items():
+            self.group.load(layer, experts)
+        return self.group.loaded()
+
+    def unload_slots(self, slots: dict[int, list[int]]) -> dict[int, list[int]]:
+        for layer, experts in slots.items():
+            self.group.unload(int(layer), list(experts))
+        return self.group.loaded()
+
+    def loaded(self) -> dict[int, list[int]]:
+        return self.group.loaded()
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> int:
+        return self.actor_id
+
+    def stats(self) -> dict:
+        """Load counters since start: busy seconds, rows (pairs) served, calls; node and device."""
+        return {"actor_id": self.actor_id, "busy_s": self._busy_s, "rows": self._rows, "calls": self._calls,
+                "uptime_s": time.monotonic() - self._started, "device": self.device, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "weight_bytes": self.group.nbytes()}
+
+
+def make_expert_actor(model_path: str, slots: dict[int, list[int]], actor_id: int, device: str, num_cpus: float,
+                      allow_cpu_fallback: bool, torch_threads: int, max_restarts: int, name: str | None = None,
+                      namespace: str | None = None):
+    """Start one expert-group actor placed per `device` (restartable: Ray re-runs __init__ on restart)."""
+    opts = actor_options(device, num_cpus)
+    opts.update(max_restarts=max_restarts, max_task_retries=0)
+    if name:
+        opts.update(name=name, namespace=namespace, lifetime=None)
+    cls = ray.remote(concurrency_groups={"health": 1})(ExpertGroupActor).options(**opts)
+    return cls.remote(model_path, slots, device, allow_cpu_fallback, torch_threads, actor_id)

@@ -1,0 +1,237 @@
+"""GatingActor: an async actor around the Engine. The step loop runs as a background task (each step in a
+worker thread so the event loop stays free); submit / poll / cancel / ping are separate methods, ping in its
+own concurrency group so a busy step never fails a health check. Tokens leave per step: `poll` returns every
+delta of the asked-for requests since the last poll in one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+import traceback
+from typing import Any
+
+import ray
+import torch
+
+from moeray.common.config import ServeConfig
+from moeray.common.errors import RequestError
+from moeray.common.sampling import SamplingParams, StepDelta
+from moeray.engine.engine import Engine, EngineConfig
+from moeray.engine.transport import LocalTransport
+from moeray.experts.group import ExpertGroup
+from moeray.models.checkpoint import Checkpoint, load_dense, load_expert_weights
+from moeray.models.config import ModelConfig
+from moeray.models.registry import build_dense_model, expert_group_kwargs
+from moeray.router.table import RoutingTable
+
+
+def engine_config(cfg: ServeConfig) -> EngineConfig:
+    return EngineConfig(block_size=cfg.block_size, num_blocks=cfg.kv_cache_blocks,
+                        max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
+                        micro_batches=cfg.micro_batches)
+
+
+def load_tokenizer(model_path: str):
+    """The model's tokenizer.json (tokenizers library) or None when the folder ships none."""
+    from pathlib import Path
+
+    f = Path(model_path) / "tokenizer.json"
+    if not f.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(f))
+
+
+class GatingActor:
+    def __init__(self, config: dict[str, Any], table: dict[str, Any], expert_actors: dict[int, Any] | None,
+                 index: int = 0) -> None:
+        self.config = ServeConfig(**config)
+        self.index = index
+        torch.set_num_threads(self.config.torch_threads)
+        self.model_cfg = ModelConfig.from_pretrained(self.config.model)
+        ckpt = Checkpoint(self.config.model)
+        dense = build_dense_model(self.model_cfg)
+        load_dense(dense, self.model_cfg, ckpt)
+        dense.eval()
+        self.table = RoutingTable.from_dict(table)
+        if self.config.transport == "local" or not expert_actors:
+            groups = {}
+            for a in self.table.actor_ids:
+                g = ExpertGroup(**expert_group_kwargs(self.model_cfg))
+                for layer, ex in load_expert_weights(self.model_cfg, ckpt, self.table.actor_slots(a)).items():
+                    g.load(layer, ex)
+                groups[a] = g
+            transport = LocalTransport(groups, self.table)
+        else:
+            from moeray.actors.transport import RayTransport
+
+            transport = RayTransport(dict(expert_actors), self.table, self.config.expert_call_timeout_s)
+        self.transport = transport
+        tok = load_tokenizer(self.config.model)
+        self.engine = Engine(dense, transport, engine_config(self.config),
+                             decode=(lambda ids: tok.decode(ids)) if tok is not None else None)
+        self._inbox: collections.deque = collections.deque()
+        self._inbox_lock = threading.Lock()
+        self._buffers: dict[str, list[StepDelta]] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeray-step")
+        self._loop_task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._cond: asyncio.Condition | None = None
+        self._num_active = 0
+        self._last_error: str | None = None
+        self._step_s = 0.0
+
+    # ---- requests --------------------------------------------------------------------------------------
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises RequestError when it can never be served (nothing else is affected)."""
+        self.engine.check_request(list(prompt_ids), params)
+        if request_id in self._buffers:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        self._buffers[request_id] = []
+        self._num_active += 1
+        self._push(("add", request_id, list(prompt_ids), params))
+
+    async def cancel(self, request_id: str) -> bool:
+        """Stop a request and free its blocks (between steps)."""
+        if request_id not in self._buffers:
+            return False
+        self._push(("abort", request_id))
+        return True
+
+    async def poll(self, request_ids: list[str], timeout_s: float = 1.0) -> dict[str, list[StepDelta]]:
+        """Deltas of these requests since the last poll; waits up to timeout_s for at least one."""
+        self._ensure_loop()
+        deadline = time.monotonic() + timeout_s
+        async with self._cond:
+            while not any(self._buffers.get(r) for r in request_ids):
+                left = deadline - time.monotonic()
+                if left <= 0 or not any(r in self._buffers for r in request_ids):
+                    break
+                try:
+                    await asyncio.wait_for(self._cond.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+        out = {}
+        for r in request_ids:
+            buf = self._buffers.get(r)
+            if buf:
+                out[r] = buf
+                if buf[-1].finish_reason is not None:
+                    del self._buffers[r]
+                else:
+                    self._buffers[r] = []
+        return out
+
+    @ray.method(concurrency_group="health")
+    async def ping(self) -> int:
+        return self.index
+
+    async def status(self) -> dict[str, Any]:
+        st = self.engine.running_status()
+        st.update(index=self.index, active=self._num_active, last_error=self._last_error, step_s=self._step_s,
+                  table_version=self.transport.table.version, node_id=ray.get_runtime_context().get_node_id(),
+                  transport=self.config.transport, num_blocks=self.config.kv_cache_blocks,
+                  transport_stats=dict(getattr(self.transport, "stats", {})))
+        return st
+
+    async def load(self) -> int:
+        return self._num_active
+
+    async def num_free_blocks(self) -> int:
+        # settle pending aborts first so callers see their effect
+        await self._drain()
+        return self.engine.num_free_blocks
+
+    async def set_table(self, table: dict[str, Any], expert_actors: dict[int, Any] | None = None) -> int:
+        """Take a new routing table (between steps)."""
+        self._push(("table", RoutingTable.from_dict(table), expert_actors))
+        await self._drain()
+        return self.transport.table.version
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def _push(self, item: tuple) -> None:
+        with self._inbox_lock:
+            self._inbox.append(item)
+        self._ensure_loop()
+        self._wake.set()
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._cond = asyncio.Condition()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _drain(self) -> None:
+        """Wait until the inbox has been applied by the loop."""
+        self._ensure_loop()
+        while self._inbox:
+            self._wake.set()
+            await asyncio.sleep(0.005)
+
+    def _apply_inbox(self) -> list[StepDelta]:
+        out = []
+        with self._inbox_lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+        for item in items:
+            if item[0] == "add":
+                _, rid, prompt, params = item
+                try:
+                    self.engine.add_request(rid, prompt, params)
+                except RequestError as e:
+                    out.append(StepDelta(rid, [], None, f"error: {e}"))
+            elif item[0] == "abort":
+                if self.engine.abort(item[1]):
+                    out.append(StepDelta(item[1], [], None, "cancelled"))
+            elif item[0] == "table":
+                self.transport.set_table(item[1])
+                if item[2] is not None and hasattr(self.transport, "set_actors"):
+                    self.transport.set_actors(dict(item[2]))
+        return out
+
+    def _step(self) -> list[StepDelta]:
+        deltas = self._apply_inbox()
+        if self.engine.has_unfinished():
+            t0 = time.perf_counter()
+            try:
+                deltas += self.engine.step()
+            except Exception as e:  # a failed step fails its requests, never the actor
+                self._last_error = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+                for rid in list(self.engine.seqs):
+                    self.engine.abort(rid)
+                    deltas.append(StepDelta(rid, [], None, f"error: {self._last_error}"))
+            self._step_s = time.perf_counter() - t0
+        return deltas
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.engine.has_unfinished() and not self._inbox:
+                await self._wake.wait()
+            self._wake.clear()
+            deltas = await loop.run_in_executor(self._pool, self._step)
+            if deltas:
+                for d in deltas:
+                    buf = self._buffers.get(d.request_id)
+                    if buf is not None:
+                        buf.append(d)
+                    if d.finish_reason is not None:
+                        self._num_active = max(0, self._num_active - 1)
+                async with self._cond:
+                    self._cond.notify_all()
+
+
+def make_gating_actor(config: ServeConfig, table: RoutingTable, expert_actors: dict[int, Any] | None, index: int,
+                      name: str | None = None):
+    opts: dict[str, Any] = dict(num_cpus=config.gating_num_cpus, max_restarts=config.max_restarts,
+                                max_concurrency=1000)
+    if name:
+        opts.update(name=name, namespace=config.namespace)
+    cls = ray.remote(concurrency_groups={"health": 1})(GatingActor)
+    return cls.options(**opts).remote(config.model_dump(), table.to_dict(), expert_actors, index)

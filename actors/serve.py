@@ -1,0 +1,136 @@
+"""`moeray serve`: bring the system up, serve the gRPC front end until Ctrl-C or SIGTERM, then shut down.
+
+The config file (`--config`, YAML) holds ServeConfig fields at the top level plus these serving keys:
+
+    model: /models/deepseek-v3        # ServeConfig fields ...
+    num_expert_groups: 4
+    host: 0.0.0.0                     # ... and the serving keys
+    port: 50051
+    ray_address: auto
+    frontend:                         # moeray.common.api.FrontendConfig
+      max_in_flight: 256
+      auth_token_path: ~/.moeray/grpc_token
+      tls_cert_path: ~/.moeray/tls/server.crt
+      tls_key_path: ~/.moeray/tls/server.key
+
+Command-line flags win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moeray.actors.frontend import serve_frontend
+from moeray.common.api import Backend, FrontendConfig
+from moeray.common.config import ServeConfig
+from moeray.common.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "MOERAY_TOKEN"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class ServeOptions(BaseModel):
+    """Everything `moeray serve` needs: the engine's config and how to expose it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: ServeConfig
+    frontend: FrontendConfig = FrontendConfig()
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    ray_address: str | None = None
+    http_port: int | None = Field(None, ge=0, le=65535)
+
+
+SERVING_KEYS = ("frontend", "host", "port", "ray_address", "http_port")
+
+
+def load_options(args: argparse.Namespace) -> ServeOptions:
+    """Merge the config file (if any) with the command-line flags; raise ConfigError naming bad fields."""
+    data: dict[str, Any] = {}
+    if args.config is not None:
+        if not args.config.exists():
+            raise ConfigError(f"config file {args.config} does not exist")
+        data = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{args.config}: expected a mapping at the top level")
+    serving = {k: data.pop(k) for k in SERVING_KEYS if k in data}
+    engine = ServeConfig.build(**{**data, **({"model": args.model} if args.model else {})})
+    frontend = dict(serving.get("frontend") or {})
+    overrides = {
+        "auth_token_path": args.token_file,
+        "tls_cert_path": args.tls_cert,
+        "tls_key_path": args.tls_key,
+        "max_in_flight": args.max_in_flight,
+    }
+    frontend.update({k: v for k, v in overrides.items() if v is not None})
+    if "auth_token" not in frontend and "auth_token_path" not in frontend and os.environ.get(TOKEN_ENV):
+        frontend["auth_token"] = os.environ[TOKEN_ENV]
+    flags = {"host": args.host, "port": args.port, "ray_address": args.ray_address, "http_port": args.http_port}
+    serving.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return ServeOptions(engine=engine, frontend=FrontendConfig(**frontend), **serving)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"invalid serve options: {problems}") from None
+
+
+def build_backends(options: ServeOptions) -> tuple[list[Backend], Callable[[], None]]:
+    """Deploy the engine and return one Backend per gating actor, plus the function that tears it all down.
+
+    Called inside the serving event loop, so backends may create asyncio objects.
+    """
+    if options.ray_address is not None:
+        import ray
+
+        ray.init(address=options.ray_address, namespace=options.engine.namespace)
+    # THE ONE PLACE TO FILL IN once deploy() exists:
+    #   dep = moeray.actors.deploy.deploy(options.engine)     # shows progress while weights load
+    #   return [<Backend over gating actor> for each of dep's gating actors], dep.shutdown
+    raise NotImplementedError(
+        "moeray serve cannot start the engine yet: moeray.actors.serve.build_backends() must call "
+        "moeray.actors.deploy.deploy(ServeConfig) and wrap each gating actor in a moeray.common.api.Backend "
+        "(tokenize, detokenize, generate, cancel, status, admin, load); neither exists yet"
+    )
+
+
+async def serve(options: ServeOptions, stop_signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)):
+    """Build the backends, serve until one of stop_signals arrives, then stop gracefully and shut down."""
+    if options.http_port is not None:
+        raise NotImplementedError("the HTTP API is not built yet; drop --http-port (gRPC is on --port)")
+    auth = options.frontend.auth_token is not None or options.frontend.auth_token_path is not None
+    if options.host not in LOOPBACK_HOSTS and not auth:
+        logger.warning("listening on %s without a bearer token: anyone who reaches it can use it", options.host)
+    backends, shutdown = build_backends(options)
+    try:
+        server, port = await serve_frontend(backends, options.host, options.port, config=options.frontend)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in stop_signals:
+            loop.add_signal_handler(sig, stop.set)
+        names = ", ".join(sorted({b.model_name for b in backends}))
+        print(f"moeray: serving {names} on {options.host}:{port} (Ctrl-C to stop)", flush=True)
+        await stop.wait()
+        print(f"moeray: stopping; in-flight requests get {options.frontend.grace_s:g} s to finish", flush=True)
+        await server.stop(options.frontend.grace_s)
+    finally:
+        shutdown()
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Entry point of `moeray serve`; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = load_options(args)
+    asyncio.run(serve(options))
+    return 0

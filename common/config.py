@@ -1,0 +1,101 @@
+"""Serving configuration (pydantic, `extra="forbid"`): what `deploy()`, `moeray serve --config` and the
+gRPC front end read. Every field is validated with a message that names it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moeray.common.errors import ConfigError
+
+
+def default_model_path() -> str:
+    """The bundled demo model (shipped inside the package)."""
+    return str(Path(__file__).resolve().parent.parent / "models" / "demo_model")
+
+
+class KVStoreConfig(BaseModel):
+    """The KV-store service: shard actors holding compressed KV blocks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    num_shards: int = Field(2, ge=1)
+    replication: int = Field(2, ge=1)
+    codec: Literal["none", "fp16", "int8", "int4"] = "none"
+    shard_capacity_mb: float = Field(256.0, gt=0)
+    max_inflight_writes: int = Field(64, ge=1)
+    shard_num_cpus: float = Field(0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> KVStoreConfig:
+        if self.replication > self.num_shards:
+            raise ValueError(f"kv_store.replication ({self.replication}) must be <= kv_store.num_shards "
+                             f"({self.num_shards})")
+        return self
+
+
+class ServeConfig(BaseModel):
+    """How to run a model on the current Ray cluster. Defaults fit a 2-core machine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(default_factory=default_model_path, description="HF folder: config.json + safetensors")
+    model_name: str | None = None  # served name; defaults to the folder name
+    num_expert_groups: int = Field(2, ge=1)
+    expert_replicas: int = Field(1, ge=1)
+    placement: Literal["round_robin", "blocks"] = "round_robin"
+    device: Literal["cpu", "gpu", "npu"] = "cpu"
+    allow_cpu_fallback: bool = False
+    expert_num_cpus: float = Field(0.25, ge=0)
+    gating_num_cpus: float = Field(0.5, ge=0)
+    num_gating_actors: int = Field(1, ge=1)
+    torch_threads: int = Field(1, ge=1)
+    transport: Literal["ray", "local"] = "ray"
+    micro_batches: int = Field(1, ge=1, le=8)
+    block_size: int = Field(16, ge=1)
+    kv_cache_blocks: int = Field(1024, ge=1)
+    max_num_batched_tokens: int = Field(512, ge=1)
+    max_num_seqs: int = Field(64, ge=1)
+    max_restarts: int = Field(3, ge=-1)
+    expert_call_timeout_s: float = Field(60.0, gt=0)
+    kv_store: KVStoreConfig = KVStoreConfig()
+    namespace: str = "moeray"
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= block_size "
+                             f"({self.block_size})")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or Path(self.model).name
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> ServeConfig:
+        """Load a YAML or JSON file; `overrides` (non-None) win over the file."""
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of ServeConfig fields at the top level")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.build(**data)
+
+    @classmethod
+    def build(cls, **fields) -> ServeConfig:
+        """Like the constructor, but raises ConfigError naming each bad field."""
+        try:
+            return cls(**fields)
+        except ValidationError as e:
+            msgs = []
+            for err in e.errors():
+                loc = ".".join(str(x) for x in err.get("loc", ()))
+                msgs.append(f"{loc}: {err.get('msg', '').removeprefix('Value error, ')}" if loc else err["msg"])
+            raise ConfigError("invalid serve config: " + "; ".join(msgs)) from None
