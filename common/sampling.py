@@ -56,8 +56,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
-    finish_reason: str | None = None  # "length" | "stop" | "eos" | "cancelled" | "error"
+    finish_reason: str | None = None  # "length" | "stop" | "eos" | "cancelled" | "error: ..."
     text: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the KV store instead of being computed
 
     @property
     def finished(self) -> bool:
@@ -72,3 +73,4 @@ class StepDelta:
     token_ids: list[int]
     logprobs: list[float] | None = None
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # on the last delta: prompt tokens whose KV came from the KV store

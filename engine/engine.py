@@ -18,6 +18,7 @@ from moeray.common.errors import RequestError
 from moeray.common.sampling import RequestOutput, SamplingParams, StepDelta
 from moeray.engine.block_manager import BlockManager
 from moeray.engine.paged_cache import PagedKVCache
+from moeray.engine.prefix import PrefixCache
 from moeray.engine.runner import ModelRunner
 from moeray.engine.sampler import make_generator, sample
 from moeray.engine.scheduler import ScheduledChunk, Scheduler
@@ -65,11 +66,13 @@ def validate_request(cfg, config: EngineConfig, prompt_ids: list[int], params: S
 
 class Engine:
     def __init__(self, dense: torch.nn.Module, transport: ExpertTransport, config: EngineConfig,
-                 decode: Callable[[list[int]], str] | None = None) -> None:
+                 decode: Callable[[list[int]], str] | None = None, prefix: PrefixCache | None = None) -> None:
         self.dense, self.cfg, self.config = dense, dense.cfg, config
         self.blocks = BlockManager(config.num_blocks, config.block_size)
         self.cache = PagedKVCache(dense.cache_spec(), config.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
+        self.prefix = prefix
+        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs,
+                                   prefix_lookup=prefix.lookup if prefix is not None else None)
         self.runner = ModelRunner(dense, self.cache, transport, config.micro_batches)
         self.transport = transport
         self.decode = decode
@@ -82,22 +85,34 @@ class Engine:
         """Raise RequestError (naming the problem) if the request can never be served."""
         validate_request(self.cfg, self.config, prompt_ids, params)
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    output_ids: list[int] | None = None) -> None:
+        """Queue a request. `output_ids` resumes a sequence that already generated those tokens elsewhere (a
+        failed gating actor): its KV is fetched from the store where possible, recomputed otherwise."""
         if request_id in self.seqs:
             raise RequestError(f"request_id {request_id!r} is already in use")
         self.check_request(prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), params, arrival=next(self._arrivals),
+        done = list(output_ids or [])
+        if len(done) >= params.max_tokens:
+            raise RequestError(f"request {request_id!r} already has {len(done)} of max_tokens={params.max_tokens}")
+        seq = Sequence(request_id, list(prompt_ids), params, output_ids=done, arrival=next(self._arrivals),
                        generator=None if params.greedy else make_generator(params.seed))
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its blocks. False if it is unknown or already finished."""
-        seq = self.seqs.pop(request_id, None)
+        seq = self.seqs.get(request_id)
         if seq is None or seq.finished:
             return False
-        self.scheduler.finish(seq, "cancelled")
+        self._finish(seq, "cancelled")
         return True
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.seqs.pop(seq.request_id, None)
+        if self.prefix is not None:
+            self.prefix.forget(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -111,6 +126,11 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        for c in chunks:
+            if c.seq.prefix_payloads:
+                self.prefix.load(self.cache, c.seq, c.seq.prefix_payloads)
+                c.seq.num_cached_prefix = len(c.seq.prefix_payloads) * self.config.block_size
+            c.seq.prefix_payloads = None
         logits = self.runner.run(chunks)
         return self._postprocess(chunks, logits)
 
@@ -123,6 +143,9 @@ class Engine:
             else:
                 self.stats["decode_tokens"] += c.num_tokens
         self.stats["steps"] += 1
+        if self.prefix is not None:
+            for c in chunks:
+                self.prefix.write_through(self.cache, c.seq)
         tokens, logprobs = sample(logits, [c.seq for c in sampling]) if sampling else ([], [])
         deltas = []
         for c, tok, lp in zip(sampling, tokens, logprobs, strict=True):
@@ -132,9 +155,9 @@ class Engine:
                 seq.output_logprobs.append(lp)
             reason = self._stop_reason(seq, tok)
             if reason is not None:
-                self.scheduler.finish(seq, reason)
-                self.seqs.pop(seq.request_id, None)
-            deltas.append(StepDelta(seq.request_id, [tok], [lp] if lp is not None else None, reason))
+                self._finish(seq, reason)
+            deltas.append(StepDelta(seq.request_id, [tok], [lp] if lp is not None else None, reason,
+                                    seq.num_cached_prefix))
         return deltas
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
@@ -176,9 +199,12 @@ class Engine:
                 if d.logprobs and o.logprobs is not None:
                     o.logprobs.extend(d.logprobs)
                 o.finish_reason = d.finish_reason
+                o.num_cached_tokens = d.num_cached_tokens
         return list(outs.values())
 
     def running_status(self) -> dict[str, int]:
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "free_blocks": self.blocks.num_free, "preemptions": self.scheduler.num_preemptions,
-                **self.stats}
+        st = {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+              "free_blocks": self.blocks.num_free, "preemptions": self.scheduler.num_preemptions, **self.stats}
+        if self.prefix is not None:
+            st["kv_store"] = {f: getattr(self.prefix.stats, f) for f in self.prefix.stats.__slots__}
+        return st

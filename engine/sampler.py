@@ -30,6 +30,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         if p.greedy:
             tok = int(torch.argmax(row))
         else:
+            if p.seed is not None:
+                # the draw depends only on (seed, position): the same on every transport, after preemption and
+                # after a resume on another gating actor
+                seq.generator.manual_seed((p.seed * 1_000_003 + seq.num_tokens) % (2**63))
             tok = _sample_row(row, p.temperature, p.top_k, p.top_p, seq.generator)
         tokens.append(tok)
         logprobs.append(float(torch.log_softmax(row, -1)[tok]) if p.logprobs else None)

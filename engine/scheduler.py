@@ -10,6 +10,7 @@ recomputed (prompt + what it generated so far) later.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from moeray.engine.block_manager import BlockManager
@@ -29,8 +30,10 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 prefix_lookup: Callable[[Sequence], list] | None = None) -> None:
         self.blocks = blocks
+        self.prefix_lookup = prefix_lookup  # fetches stored leading blocks of a sequence (KV store)
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -60,10 +63,14 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_pending, budget)
-            if not self.blocks.can_allocate(seq, seq.num_computed + n):
+            if self.prefix_lookup is not None and seq.num_computed == 0 and seq.prefix_payloads is None:
+                seq.prefix_payloads = self.prefix_lookup(seq)
+            cached = len(seq.prefix_payloads or ()) * self.blocks.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if not self.blocks.can_allocate(seq, cached + n):
                 break
             self.waiting.popleft()
+            seq.num_computed = cached
             self.blocks.allocate(seq, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -88,6 +95,7 @@ class Scheduler:
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0
+        seq.prefix_payloads = None  # look the store up again at re-admission
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -33,7 +33,7 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival: int = 0  # admission order; preemption evicts the latest arrival first
     num_preemptions: int = 0
-    num_prefilled_tokens: int = 0  # tokens this engine computed for the prompt (prefix hits excluded)
+    prefix_payloads: list | None = None  # blocks fetched from the KV store, written into the cache at admission
 
     @property
     def all_ids(self) -> list[int]:
