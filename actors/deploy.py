@@ -15,15 +15,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from moeray.actors.expert import make_expert_actor
 from moeray.actors.gating import engine_config, load_tokenizer, make_gating_actor
+from moeray.actors.kvshard import make_kv_shard
 from moeray.common.config import ServeConfig
 from moeray.common.errors import BackendUnavailableError, RequestError
 from moeray.common.sampling import RequestOutput, SamplingParams, StepDelta
 from moeray.engine.engine import validate_request
 from moeray.models.config import ModelConfig
 from moeray.router.table import RoutingTable
+
+_ACTOR_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 def _progress(msg: str) -> None:
@@ -59,9 +63,11 @@ class Deployment:
     """Handles to a running system: expert-group actors, gating actors, the routing table."""
 
     def __init__(self, config: ServeConfig, model_cfg: ModelConfig, table: RoutingTable,
-                 expert_actors: dict[int, Any], gating: list[Any]) -> None:
+                 expert_actors: dict[int, Any], gating: list[Any], kv_shards: dict[str, Any] | None = None) -> None:
         self.config, self.model_cfg, self.table = config, model_cfg, table
         self.expert_actors, self.gating = expert_actors, gating
+        self.kv_shards = kv_shards or {}
+        self.failovers = 0
         self.engine_config = engine_config(config)
         self.tokenizer = load_tokenizer(config.model)
         self._ids = itertools.count()
@@ -83,11 +89,13 @@ class Deployment:
         tag = uuid.uuid4().hex[:8]
         outs: dict[str, RequestOutput] = {}
         by_actor: dict[int, list[str]] = {}
+        plist_by_rid: dict[str, SamplingParams] = {}
         submits = []
         for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):
             rid = f"{tag}-{i}"
             gi = self._pick()
             outs[rid] = RequestOutput(rid, list(p), logprobs=[] if sp.logprobs else None)
+            plist_by_rid[rid] = sp
             by_actor.setdefault(gi, []).append(rid)
             submits.append(self.gating[gi].submit.remote(rid, list(p), sp))
         ray.get(submits)
@@ -95,9 +103,14 @@ class Deployment:
         while any(not o.finished for o in outs.values()):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"generate did not finish within {timeout_s}s")
-            polls = {gi: self.gating[gi].poll.remote([r for r in rids if not outs[r].finished], 1.0)
-                     for gi, rids in by_actor.items() if any(not outs[r].finished for r in rids)}
-            for got in ray.get(list(polls.values())):
+            live = {gi: [r for r in rids if not outs[r].finished] for gi, rids in by_actor.items()}
+            polls = {gi: self.gating[gi].poll.remote(rids, 1.0) for gi, rids in live.items() if rids}
+            for gi, ref in polls.items():
+                try:
+                    got = ray.get(ref)
+                except _ACTOR_GONE:
+                    self._failover_batch(gi, live[gi], outs, plist_by_rid, by_actor, deadline)
+                    continue
                 for rid, deltas in got.items():
                     _apply(outs[rid], deltas)
         for o in outs.values():
@@ -107,25 +120,73 @@ class Deployment:
                 o.text = self.tokenizer.decode(o.token_ids)
         return list(outs.values())
 
+    def _failover_batch(self, lost: int, rids: list[str], outs: dict[str, RequestOutput],
+                        params: dict[str, SamplingParams], by_actor: dict[int, list[str]], deadline: float) -> None:
+        """Resubmit a dead gating actor's unfinished requests (with what they generated) to a live one."""
+        self.failovers += 1
+        by_actor[lost] = [r for r in by_actor[lost] if r not in set(rids)]
+        while time.monotonic() < deadline:
+            for gi in [i for i in range(len(self.gating)) if i != lost] + [lost]:
+                try:
+                    ray.get([self.gating[gi].submit.remote(r, outs[r].prompt_token_ids, params[r],
+                                                           outs[r].token_ids) for r in rids])
+                except _ACTOR_GONE:
+                    continue
+                by_actor.setdefault(gi, []).extend(rids)
+                return
+            time.sleep(0.2)
+        raise BackendUnavailableError(f"no gating actor came back for requests {rids[:3]}...")
+
     # ---- streaming API (the front end's backend) ---------------------------------------------------------
     async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                     gating_index: int | None = None) -> AsyncIterator[StepDelta]:
+                     gating_index: int | None = None, failover_timeout_s: float = 120.0) -> AsyncIterator[StepDelta]:
+        """Stream one request's deltas. If its gating actor dies, the request is resubmitted (same id, with the
+        tokens already streamed) to the restarted actor or another one, which rebuilds it from the KV store:
+        the caller sees one continuous stream."""
         gi = self._pick() if gating_index is None else gating_index
-        actor = self.gating[gi]
-        await actor.submit.remote(request_id, list(prompt_ids), params)
+        done: list[int] = []
+        finished = False
+        await self.gating[gi].submit.remote(request_id, list(prompt_ids), params)
         try:
             while True:
-                got = await actor.poll.remote([request_id], 1.0)
+                try:
+                    got = await self.gating[gi].poll.remote([request_id], 1.0)
+                except _ACTOR_GONE:
+                    gi = await self._resubmit(request_id, prompt_ids, params, done, gi, failover_timeout_s)
+                    continue
                 for d in got.get(request_id, []):
+                    done.extend(d.token_ids)
                     yield d
                     if d.finish_reason is not None:
+                        finished = True
                         return
         finally:
-            # client gone or error: free the request's blocks
-            try:
-                await actor.cancel.remote(request_id)
-            except Exception:  # noqa: BLE001 - best effort on teardown
-                pass
+            if not finished:  # client gone or error: free the request's blocks
+                try:
+                    await self.gating[gi].cancel.remote(request_id)
+                except Exception:  # noqa: BLE001 - best effort on teardown
+                    pass
+
+    async def _resubmit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, done: list[int],
+                        lost: int, timeout_s: float) -> int:
+        import asyncio
+
+        self.failovers += 1
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            order = [i for i in range(len(self.gating)) if i != lost] + [lost]
+            for gi in order:
+                try:
+                    await self.gating[gi].submit.remote(request_id, list(prompt_ids), params, list(done))
+                    return gi
+                except _ACTOR_GONE:
+                    continue
+                except RequestError as e:
+                    if "already in use" in str(e):
+                        return gi
+                    raise
+            await asyncio.sleep(0.2)
+        raise BackendUnavailableError(f"request {request_id}: no gating actor came back within {timeout_s:.0f}s")
 
     def new_request_id(self) -> str:
         return f"req-{uuid.uuid4().hex[:12]}"
@@ -144,7 +205,7 @@ class Deployment:
 
     def shutdown(self) -> None:
         """Kill every actor of this deployment (the Ray session itself stays up)."""
-        for a in list(self.gating) + list(self.expert_actors.values()):
+        for a in list(self.gating) + list(self.expert_actors.values()) + list(self.kv_shards.values()):
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
@@ -159,6 +220,7 @@ def _apply(out: RequestOutput, deltas: list[StepDelta]) -> None:
             out.logprobs.extend(d.logprobs)
         if d.finish_reason is not None:
             out.finish_reason = d.finish_reason
+            out.num_cached_tokens = d.num_cached_tokens
 
 
 def deploy(config: ServeConfig | None = None, address: str | None = None, **fields: Any) -> Deployment:
@@ -175,9 +237,17 @@ def deploy(config: ServeConfig | None = None, address: str | None = None, **fiel
         for a in table.actor_ids:
             experts[a] = make_expert_actor(cfg.model, table.actor_slots(a), a, cfg.device, cfg.expert_num_cpus,
                                            cfg.allow_cpu_fallback, cfg.torch_threads, cfg.max_restarts)
+    kv_shards: dict[str, Any] = {}
+    if cfg.kv_store.enabled:
+        kv = cfg.kv_store
+        _progress(f"starting {kv.num_shards} KV-store shards (replication {kv.replication}, codec {kv.codec})")
+        kv_shards = {f"kv-{i}": make_kv_shard(f"kv-{i}", int(kv.shard_capacity_mb * 2**20), kv.shard_num_cpus,
+                                              cfg.max_restarts, cfg.namespace) for i in range(kv.num_shards)}
     _progress(f"starting {cfg.num_gating_actors} gating actor(s)")
-    gating = [make_gating_actor(cfg, table, experts or None, i) for i in range(cfg.num_gating_actors)]
-    pending = [a.ping.remote() for a in experts.values()] + [g.ping.remote() for g in gating]
+    gating = [make_gating_actor(cfg, table, experts or None, i, kv_shards=kv_shards or None)
+              for i in range(cfg.num_gating_actors)]
+    pending = ([a.ping.remote() for a in experts.values()] + [g.ping.remote() for g in gating]
+               + [s.ping.remote() for s in kv_shards.values()])
     total, done = len(pending), 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=600)
@@ -186,4 +256,4 @@ def deploy(config: ServeConfig | None = None, address: str | None = None, **fiel
         ray.get(ready)  # raises the actor's construction error, if any
         done += 1
         _progress(f"loaded {done}/{total} actors ({time.monotonic() - t0:.1f}s)")
-    return Deployment(cfg, model_cfg, table, experts, gating)
+    return Deployment(cfg, model_cfg, table, experts, gating, kv_shards)

@@ -49,7 +49,7 @@ def load_tokenizer(model_path: str):
 
 class GatingActor:
     def __init__(self, config: dict[str, Any], table: dict[str, Any], expert_actors: dict[int, Any] | None,
-                 index: int = 0) -> None:
+                 index: int = 0, kv_shards: dict[str, Any] | None = None) -> None:
         self.config = ServeConfig(**config)
         self.index = index
         torch.set_num_threads(self.config.torch_threads)
@@ -73,8 +73,18 @@ class GatingActor:
             transport = RayTransport(dict(expert_actors), self.table, self.config.expert_call_timeout_s)
         self.transport = transport
         tok = load_tokenizer(self.config.model)
+        self.kv_client = None
+        prefix = None
+        if kv_shards:
+            from moeray.actors.kvshard import RayKVClient
+            from moeray.engine.prefix import PrefixCache
+
+            kv = self.config.kv_store
+            self.kv_client = RayKVClient(dict(kv_shards), kv.replication)
+            prefix = PrefixCache(self.kv_client, self.config.block_size, model_id(self.config.model), kv.codec,
+                                 kv.max_inflight_writes)
         self.engine = Engine(dense, transport, engine_config(self.config),
-                             decode=(lambda ids: tok.decode(ids)) if tok is not None else None)
+                             decode=(lambda ids: tok.decode(ids)) if tok is not None else None, prefix=prefix)
         self._inbox: collections.deque = collections.deque()
         self._inbox_lock = threading.Lock()
         self._buffers: dict[str, list[StepDelta]] = {}
@@ -87,14 +97,16 @@ class GatingActor:
         self._step_s = 0.0
 
     # ---- requests --------------------------------------------------------------------------------------
-    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises RequestError when it can never be served (nothing else is affected)."""
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     output_ids: list[int] | None = None) -> None:
+        """Queue a request; raises RequestError when it can never be served (nothing else is affected).
+        `output_ids` resumes a request another (failed) gating actor had started."""
         self.engine.check_request(list(prompt_ids), params)
         if request_id in self._buffers:
             raise RequestError(f"request_id {request_id!r} is already in use")
         self._buffers[request_id] = []
         self._num_active += 1
-        self._push(("add", request_id, list(prompt_ids), params))
+        self._push(("add", request_id, list(prompt_ids), params, list(output_ids or [])))
 
     async def cancel(self, request_id: str) -> bool:
         """Stop a request and free its blocks (between steps)."""
@@ -139,6 +151,16 @@ class GatingActor:
                   transport_stats=dict(getattr(self.transport, "stats", {})))
         return st
 
+    async def flush_kv(self) -> int:
+        """Wait for in-flight KV-store writes; returns the number of acknowledged blocks."""
+        if self.kv_client is None:
+            return 0
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.kv_client.flush)
+        return len(self.kv_client.acked)
+
+    async def acked_keys(self) -> list[bytes]:
+        return list(self.kv_client.acked) if self.kv_client is not None else []
+
     async def load(self) -> int:
         return self._num_active
 
@@ -180,9 +202,9 @@ class GatingActor:
             self._inbox.clear()
         for item in items:
             if item[0] == "add":
-                _, rid, prompt, params = item
+                _, rid, prompt, params, done = item
                 try:
-                    self.engine.add_request(rid, prompt, params)
+                    self.engine.add_request(rid, prompt, params, output_ids=done)
                 except RequestError as e:
                     out.append(StepDelta(rid, [], None, f"error: {e}"))
             elif item[0] == "abort":
@@ -227,11 +249,20 @@ class GatingActor:
                     self._cond.notify_all()
 
 
+def model_id(model_path: str) -> str:
+    """Identifies the weights + cache layout in KV-store keys: folder name + hash of config.json."""
+    import hashlib
+    from pathlib import Path
+
+    p = Path(model_path)
+    return f"{p.name}-{hashlib.blake2b((p / 'config.json').read_bytes(), digest_size=8).hexdigest()}"
+
+
 def make_gating_actor(config: ServeConfig, table: RoutingTable, expert_actors: dict[int, Any] | None, index: int,
-                      name: str | None = None):
+                      name: str | None = None, kv_shards: dict[str, Any] | None = None):
     opts: dict[str, Any] = dict(num_cpus=config.gating_num_cpus, max_restarts=config.max_restarts,
                                 max_concurrency=1000)
     if name:
         opts.update(name=name, namespace=config.namespace)
     cls = ray.remote(concurrency_groups={"health": 1})(GatingActor)
-    return cls.options(**opts).remote(config.model_dump(), table.to_dict(), expert_actors, index)
+    return cls.options(**opts).remote(config.model_dump(), table.to_dict(), expert_actors, index, kv_shards)

@@ -1,0 +1,131 @@
+"""KVShardActor: one shard of the KV-store service (a ShardStore in an actor), and the engine's client that
+writes every block to r shards of a hash ring and reads from the first live one.
+
+"No lost block" means no block whose write was acknowledged: a write is acknowledged when all r replicas
+stored it. A shard that dies loses its memory; the controller restores the replication factor by copying
+from the surviving replicas (`repair`).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+
+from moeray.kvstore.ring import HashRing
+from moeray.kvstore.store import ShardStore
+
+_DEAD = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError, concurrent.futures.TimeoutError)
+
+
+class KVShardActor:
+    def __init__(self, shard_id: str, capacity_bytes: int, spill_dir: str | None = None) -> None:
+        self.shard_id = shard_id
+        self.store = ShardStore(capacity_bytes, spill_dir=spill_dir)
+
+    def put(self, key: bytes, value: bytes) -> bool:
+        self.store.put(key, value)
+        return True
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.store.get(key)
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        return [self.store.get(k) for k in keys]
+
+    def contains(self, keys: list[bytes]) -> list[bool]:
+        return [self.store.contains(k) for k in keys]
+
+    def delete(self, key: bytes) -> bool:
+        return self.store.delete(key)
+
+    def keys(self) -> list[bytes]:
+        return self.store.keys()
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> str:
+        return self.shard_id
+
+    def stats(self) -> dict[str, Any]:
+        return {"shard_id": self.shard_id, **self.store.stats().to_dict(),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def make_kv_shard(shard_id: str, capacity_bytes: int, num_cpus: float, max_restarts: int, namespace: str):
+    cls = ray.remote(concurrency_groups={"health": 1})(KVShardActor)
+    return cls.options(num_cpus=num_cpus, max_restarts=max_restarts, name=None,
+                       namespace=namespace).remote(shard_id, capacity_bytes)
+
+
+class RayKVClient:
+    """The engine's KVStoreClient over shard actors: replicated, non-blocking writes; reads from the first
+    live replica. Acknowledged keys (all r copies stored) are counted for tests and metrics."""
+
+    def __init__(self, shards: dict[str, Any], replication: int = 2, timeout_s: float = 10.0) -> None:
+        self.shards = dict(shards)
+        self.ring = HashRing(list(shards), replication=replication)
+        self.timeout_s = timeout_s
+        self._inflight: collections.deque = collections.deque()  # (key, [refs])
+        self.acked: list[bytes] = []
+        self.failed_writes = 0
+
+    def set_shards(self, shards: dict[str, Any]) -> None:
+        for sid in set(self.shards) - set(shards):
+            self.ring.remove_shard(sid)
+        for sid in set(shards) - set(self.shards):
+            self.ring.add_shard(sid)
+        self.shards = dict(shards)
+
+    def put(self, key: bytes, data: bytes) -> None:
+        ref = ray.put(data)  # one copy in the object store, shared by the r writes
+        refs = [self.shards[s].put.remote(key, ref) for s in self.ring.owners(key)]
+        self._inflight.append((key, refs))
+        self._reap()
+
+    def num_inflight(self) -> int:
+        self._reap()
+        return len(self._inflight)
+
+    def _reap(self) -> None:
+        while self._inflight:
+            key, refs = self._inflight[0]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            if len(ready) < len(refs):
+                return
+            self._inflight.popleft()
+            try:
+                ray.get(refs)
+                self.acked.append(key)
+            except _DEAD:
+                self.failed_writes += 1
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait for every in-flight write (tests, shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while self._inflight and time.monotonic() < deadline:
+            _, refs = self._inflight[0]
+            ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+            self._reap()
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for k in keys:
+            v = self._get(k)
+            out.append(v)
+            if v is None:
+                break
+        return out
+
+    def _get(self, key: bytes) -> bytes | None:
+        for sid in self.ring.owners(key):
+            try:
+                v = self.shards[sid].get.remote(key).future().result(timeout=self.timeout_s)
+            except _DEAD:
+                continue
+            if v is not None:
+                return v
+        return None
