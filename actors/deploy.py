@@ -17,6 +17,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from moeray.actors.controller import expert_actor_name
 from moeray.actors.expert import make_expert_actor
 from moeray.actors.gating import engine_config, load_tokenizer, make_gating_actor
 from moeray.actors.kvshard import make_kv_shard
@@ -63,10 +64,12 @@ class Deployment:
     """Handles to a running system: expert-group actors, gating actors, the routing table."""
 
     def __init__(self, config: ServeConfig, model_cfg: ModelConfig, table: RoutingTable,
-                 expert_actors: dict[int, Any], gating: list[Any], kv_shards: dict[str, Any] | None = None) -> None:
+                 expert_actors: dict[int, Any], gating: list[Any], kv_shards: dict[str, Any] | None = None,
+                 name: str = "moeray", controller: Any = None) -> None:
         self.config, self.model_cfg, self.table = config, model_cfg, table
         self.expert_actors, self.gating = expert_actors, gating
         self.kv_shards = kv_shards or {}
+        self.name, self.controller = name, controller
         self.failovers = 0
         self.engine_config = engine_config(config)
         self.tokenizer = load_tokenizer(config.model)
@@ -196,21 +199,65 @@ class Deployment:
 
     # ---- operations ------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        """Gating actors' engine state plus, with a controller, every expert actor's node, health and load."""
         gst = ray.get([g.status.remote() for g in self.gating])
+        if self.controller is not None:
+            return {"name": self.name, **ray.get(self.controller.status.remote()), "gating": gst}
         est = ray.get([a.stats.remote() for a in self.expert_actors.values()])
-        return {"table_version": self.table.version, "gating": gst, "experts": est}
+        return {"name": self.name, "table_version": self.table.version, "gating": gst, "experts": est}
+
+    def _need_controller(self) -> Any:
+        if self.controller is None:
+            raise RuntimeError("this deployment runs without a controller (ServeConfig.controller=false)")
+        return self.controller
+
+    def scale(self, group: int, replicas: int) -> dict[str, Any]:
+        return ray.get(self._need_controller().scale.remote(group, replicas))
+
+    def drain(self, actor_id: int) -> dict[str, Any]:
+        return ray.get(self._need_controller().drain.remote(actor_id))
+
+    def rebalance(self, num_redundant: int | None = None) -> dict[str, Any]:
+        return ray.get(self._need_controller().rebalance.remote(num_redundant))
+
+    def metrics(self) -> dict[str, Any]:
+        gst = ray.get([g.status.remote() for g in self.gating])
+        out: dict[str, Any] = {"gating": gst}
+        if self.controller is not None:
+            out["controller"] = ray.get(self.controller.metrics_snapshot.remote())
+        return out
 
     def num_free_blocks(self) -> list[int]:
         return ray.get([g.num_free_blocks.remote() for g in self.gating])
 
     def shutdown(self) -> None:
         """Kill every actor of this deployment (the Ray session itself stays up)."""
-        for a in list(self.gating) + list(self.expert_actors.values()) + list(self.kv_shards.values()):
+        experts = list(self.expert_actors.values())
+        if self.controller is not None:
+            try:  # the controller also owns replicas it started itself
+                from moeray.actors.controller import expert_actor_name
+
+                st = ray.get(self.controller.status.remote(), timeout=10)
+                for e in st["experts"]:
+                    try:
+                        experts.append(ray.get_actor(expert_actor_name(self.name, e["actor_id"]),
+                                                     namespace=self.config.namespace))
+                    except ValueError:
+                        pass
+            except Exception:  # noqa: BLE001 - controller gone: kill what we know
+                pass
+            from ray.experimental import internal_kv
+
+            from moeray.actors.controller import table_key
+
+            internal_kv._internal_kv_del(table_key(self.name))
+        for a in [self.controller] * (self.controller is not None) + list(self.gating) + experts + list(
+                self.kv_shards.values()):
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        self.gating, self.expert_actors = [], {}
+        self.gating, self.expert_actors, self.controller = [], {}, None
 
 
 def _apply(out: RequestOutput, deltas: list[StepDelta]) -> None:
@@ -229,6 +276,7 @@ def deploy(config: ServeConfig | None = None, address: str | None = None, **fiel
     model_cfg = ModelConfig.from_pretrained(cfg.model)
     table = build_table(cfg, model_cfg)
     ensure_ray(address, cfg.namespace)
+    name = f"{cfg.served_name}-{uuid.uuid4().hex[:6]}"
     t0 = time.monotonic()
     experts: dict[int, Any] = {}
     if cfg.transport == "ray":
@@ -236,7 +284,8 @@ def deploy(config: ServeConfig | None = None, address: str | None = None, **fiel
                   f"({model_cfg.num_experts} experts x {model_cfg.num_moe_layers} MoE layers)")
         for a in table.actor_ids:
             experts[a] = make_expert_actor(cfg.model, table.actor_slots(a), a, cfg.device, cfg.expert_num_cpus,
-                                           cfg.allow_cpu_fallback, cfg.torch_threads, cfg.max_restarts)
+                                           cfg.allow_cpu_fallback, cfg.torch_threads, cfg.max_restarts,
+                                           name=expert_actor_name(name, a), namespace=cfg.namespace)
     kv_shards: dict[str, Any] = {}
     if cfg.kv_store.enabled:
         kv = cfg.kv_store
@@ -256,4 +305,11 @@ def deploy(config: ServeConfig | None = None, address: str | None = None, **fiel
         ray.get(ready)  # raises the actor's construction error, if any
         done += 1
         _progress(f"loaded {done}/{total} actors ({time.monotonic() - t0:.1f}s)")
-    return Deployment(cfg, model_cfg, table, experts, gating, kv_shards)
+    controller = None
+    if cfg.controller and cfg.transport == "ray":
+        from moeray.actors.controller import start_controller
+
+        _progress("starting the controller (health, failover, autoscaling, rebalancing)")
+        controller = start_controller(cfg, name, table, {a: [a] for a in table.actor_ids}, gating, kv_shards or None)
+    _progress(f"ready: {name} ({time.monotonic() - t0:.1f}s)")
+    return Deployment(cfg, model_cfg, table, experts, gating, kv_shards, name=name, controller=controller)

@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 MOERAY_SERVICE = pb.DESCRIPTOR.services_by_name["Moeray"].full_name
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 LONG_PROMPT_CHARS = 16384  # tokenize longer prompts off the event loop
+CANCEL_TIMEOUT_S = 10.0
 OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 
 
@@ -184,9 +185,11 @@ async def _open_stream(backend: Backend, request_id: str, prompt_ids: list[int],
 
 
 async def _cancel_quietly(backend: Backend, request_id: str) -> None:
+    # Shielded so a second cancellation of the handler cannot abandon it; bounded so a dead backend cannot hang
+    # the handler. The request is over for the client either way.
     try:
-        await asyncio.shield(backend.cancel(request_id))
-    except Exception:  # the request is over for the client either way; the backend logs its own failure
+        await asyncio.wait_for(asyncio.shield(backend.cancel(request_id)), CANCEL_TIMEOUT_S)
+    except Exception:
         logger.exception("cancelling request %s failed", request_id)
 
 

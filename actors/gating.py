@@ -95,6 +95,11 @@ class GatingActor:
         self._num_active = 0
         self._last_error: str | None = None
         self._step_s = 0.0
+        self._t_submit: dict[str, float] = {}
+        self._t_last: dict[str, float] = {}
+        from moeray.actors.metrics import GatingMetrics
+
+        self.metrics = GatingMetrics(index)
 
     # ---- requests --------------------------------------------------------------------------------------
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -106,6 +111,7 @@ class GatingActor:
             raise RequestError(f"request_id {request_id!r} is already in use")
         self._buffers[request_id] = []
         self._num_active += 1
+        self._t_submit[request_id] = time.monotonic()
         self._push(("add", request_id, list(prompt_ids), params, list(output_ids or [])))
 
     async def cancel(self, request_id: str) -> bool:
@@ -151,6 +157,12 @@ class GatingActor:
                   transport_stats=dict(getattr(self.transport, "stats", {})))
         return st
 
+    async def set_kv_shards(self, shards: dict[str, Any]) -> int:
+        """Use a new set of KV shard handles (a shard was replaced by the controller)."""
+        if self.kv_client is not None:
+            self.kv_client.set_shards(dict(shards))
+        return len(shards)
+
     async def flush_kv(self) -> int:
         """Wait for in-flight KV-store writes; returns the number of acknowledged blocks."""
         if self.kv_client is None:
@@ -160,6 +172,10 @@ class GatingActor:
 
     async def acked_keys(self) -> list[bytes]:
         return list(self.kv_client.acked) if self.kv_client is not None else []
+
+    async def take_expert_load(self) -> dict[int, list[int]]:
+        """Per-(layer, expert) routed pairs since the last call (the controller's EPLB input)."""
+        return self.transport.load.take()
 
     async def load(self) -> int:
         return self._num_active
@@ -176,6 +192,27 @@ class GatingActor:
         return self.transport.table.version
 
     # ---- the loop ------------------------------------------------------------------------------------
+    def _observe(self, deltas: list[StepDelta]) -> None:
+        now = time.monotonic()
+        for d in deltas:
+            if d.token_ids:
+                self.metrics.tokens.inc(len(d.token_ids))
+                last = self._t_last.get(d.request_id)
+                if last is None:
+                    t0 = self._t_submit.get(d.request_id)
+                    if t0 is not None:
+                        self.metrics.ttft.observe(now - t0)
+                else:
+                    self.metrics.itl.observe(now - last)
+                self._t_last[d.request_id] = now
+            if d.finish_reason is not None:
+                self._t_submit.pop(d.request_id, None)
+                self._t_last.pop(d.request_id, None)
+                if d.num_cached_tokens:
+                    self.metrics.kv_hit_tokens.inc(d.num_cached_tokens)
+        self.metrics.queue.set(len(self.engine.scheduler.waiting))
+        self.metrics.running.set(len(self.engine.scheduler.running))
+
     def _push(self, item: tuple) -> None:
         with self._inbox_lock:
             self._inbox.append(item)
@@ -239,6 +276,7 @@ class GatingActor:
             self._wake.clear()
             deltas = await loop.run_in_executor(self._pool, self._step)
             if deltas:
+                self._observe(deltas)
                 for d in deltas:
                     buf = self._buffers.get(d.request_id)
                     if buf is not None:

@@ -26,6 +26,7 @@ class KVShardActor:
     def __init__(self, shard_id: str, capacity_bytes: int, spill_dir: str | None = None) -> None:
         self.shard_id = shard_id
         self.store = ShardStore(capacity_bytes, spill_dir=spill_dir)
+        self.started_at = time.time()  # changes when Ray restarts the shard (empty): the controller repairs it
 
     def put(self, key: bytes, value: bytes) -> bool:
         self.store.put(key, value)
@@ -51,7 +52,7 @@ class KVShardActor:
         return self.shard_id
 
     def stats(self) -> dict[str, Any]:
-        return {"shard_id": self.shard_id, **self.store.stats().to_dict(),
+        return {"shard_id": self.shard_id, "started_at": self.started_at, **self.store.stats().to_dict(),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
 

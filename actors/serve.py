@@ -89,19 +89,16 @@ def load_options(args: argparse.Namespace) -> ServeOptions:
 def build_backends(options: ServeOptions) -> tuple[list[Backend], Callable[[], None]]:
     """Deploy the engine and return one Backend per gating actor, plus the function that tears it all down.
 
-    Called inside the serving event loop, so backends may create asyncio objects.
+    Called inside the serving event loop, so backends may create asyncio objects bound to it.
     """
-    if options.ray_address is not None:
-        import ray
-
-        ray.init(address=options.ray_address, namespace=options.engine.namespace)
-    # THE ONE PLACE TO FILL IN once deploy() exists:
-    #   dep = moeray.actors.deploy.deploy(options.engine)     # shows progress while weights load
-    #   return [<Backend over gating actor> for each of dep's gating actors], dep.shutdown
+    # THE ONE PLACE TO FILL IN:
+    #   from moeray.actors.deploy import deploy
+    #   dep = deploy(options.engine, address=options.ray_address)   # prints progress while weights load
+    #   return [<Backend over dep, gating_index=i> for i in range(len(dep.gating))], dep.shutdown
     raise NotImplementedError(
-        "moeray serve cannot start the engine yet: moeray.actors.serve.build_backends() must call "
-        "moeray.actors.deploy.deploy(ServeConfig) and wrap each gating actor in a moeray.common.api.Backend "
-        "(tokenize, detokenize, generate, cancel, status, admin, load); neither exists yet"
+        "moeray serve cannot start the engine yet: moeray.actors.serve.build_backends() needs a "
+        "moeray.common.api.Backend adapter over moeray.actors.deploy.Deployment (one per gating actor: "
+        "tokenize, detokenize, generate, cancel, status, admin, load), which does not exist yet"
     )
 
 

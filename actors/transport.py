@@ -17,6 +17,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 
 from moeray.actors.expert import as_tensor
 from moeray.common.errors import ExpertUnavailableError
+from moeray.engine.transport import ExpertLoad
 from moeray.router.dispatch import ActorBatch, combine, gather_inputs, plan_dispatch
 from moeray.router.table import NoReplicaError, RoutingTable
 
@@ -37,6 +38,7 @@ class RayTransport:
         self.actors, self.table = actors, table
         self.call_timeout_s = call_timeout_s
         self.excluded: set[int] = set()
+        self.load = ExpertLoad()
         self.stats = {"calls": 0, "failovers": 0, "dispatch_s": 0.0, "wait_s": 0.0, "last_stall_s": 0.0}
 
     def set_table(self, table: RoutingTable) -> None:
@@ -47,6 +49,7 @@ class RayTransport:
 
     def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> _Call:
         t0 = time.perf_counter()
+        self.load.add(layer, ids, self.table.num_experts)
         batches = plan_dispatch(ids, weights, self.table.layer_slots(layer), self.excluded, layer=layer)
         refs = [self._send(layer, x, b) for b in batches]
         self.stats["calls"] += len(refs)

@@ -316,9 +316,13 @@ class Backend(Protocol):
     max_context: int  # prompt + generated tokens at most
     vocab_size: int
 
-    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize(self, text: str) -> list[int]:
+        """Prompt text -> ids. May be called from a worker thread (long prompts are tokenized off the loop)."""
+        ...
 
-    def detokenize(self, ids: list[int]) -> str: ...
+    def detokenize(self, ids: list[int]) -> str:
+        """Text of generated ids, special tokens (EOS) left out; U+FFFD for an incomplete UTF-8 tail."""
+        ...
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepDelta]:
         """Stream the request's new tokens; the last delta has finish_reason set. request_id is unique among

@@ -17,6 +17,28 @@ def default_model_path() -> str:
     return str(Path(__file__).resolve().parent.parent / "models" / "demo_model")
 
 
+class AutoscaleConfig(BaseModel):
+    """Replica bounds and the thresholds of the autoscaling rule (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(1, ge=1, description="replicas per expert group, at least")
+    max_replicas: int = Field(1, ge=1, description="replicas per expert group, at most")
+    target_utilization: float = Field(0.7, gt=0.0, le=1.0, description="busy fraction to aim for")
+    downscale_factor: float = Field(0.5, gt=0.0, lt=1.0, description="cold below target * this")
+    max_queued_rows_per_replica: float = Field(1024.0, ge=0.0, description="hot above this many queued rows")
+    upscale_delay_s: float = Field(30.0, ge=0.0)
+    downscale_delay_s: float = Field(300.0, ge=0.0)
+    cooldown_s: float = Field(60.0, ge=0.0, description="minimum time between two changes of one group")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= "
+                             f"min_replicas ({self.min_replicas})")
+        return self
+
+
 class KVStoreConfig(BaseModel):
     """The KV-store service: shard actors holding compressed KV blocks."""
 
@@ -63,6 +85,11 @@ class ServeConfig(BaseModel):
     max_restarts: int = Field(3, ge=-1)
     expert_call_timeout_s: float = Field(60.0, gt=0)
     kv_store: KVStoreConfig = KVStoreConfig()
+    autoscale: AutoscaleConfig = AutoscaleConfig()
+    controller: bool = True  # health checks, failover, autoscaling, rebalancing
+    health_period_s: float = Field(1.0, gt=0)
+    health_timeout_s: float = Field(2.0, gt=0)
+    health_failure_threshold: int = Field(2, ge=1)
     namespace: str = "moeray"
 
     @model_validator(mode="after")

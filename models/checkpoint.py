@@ -97,6 +97,9 @@ def expert_names(cfg: ModelConfig, layer: int, expert: int) -> tuple[str, str, s
     if cfg.model_type == "mixtral":
         p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
         return p + "w1.weight", p + "w3.weight", p + "w2.weight"
+    if cfg.model_type == "deepseek_v4":  # DeepSeek's own names, which transformers 5.24 saves V4 in
+        p = f"model.layers.{layer}.ffn.experts.{expert}."
+        return p + "w1.weight", p + "w3.weight", p + "w2.weight"
     p = f"model.layers.{layer}.mlp.experts.{expert}."
     return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
 

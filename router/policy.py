@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from moeray.common.config import AutoscaleConfig  # noqa: F401 - re-exported: the policy's input
 
 # ---- health ---------------------------------------------------------------------------------------------
 
@@ -100,28 +100,6 @@ class HealthTracker:
 
 
 # ---- autoscaling ----------------------------------------------------------------------------------------
-
-
-class AutoscaleConfig(BaseModel):
-    """Replica bounds and the thresholds of the autoscaling rule (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min_replicas: int = Field(1, ge=1, description="replicas per expert group, at least")
-    max_replicas: int = Field(1, ge=1, description="replicas per expert group, at most")
-    target_utilization: float = Field(0.7, gt=0.0, le=1.0, description="busy fraction to aim for")
-    downscale_factor: float = Field(0.5, gt=0.0, lt=1.0, description="cold below target * this")
-    max_queued_rows_per_replica: float = Field(1024.0, ge=0.0, description="hot above this many queued rows")
-    upscale_delay_s: float = Field(30.0, ge=0.0)
-    downscale_delay_s: float = Field(300.0, ge=0.0)
-    cooldown_s: float = Field(60.0, ge=0.0, description="minimum time between two changes of one group")
-
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscaleConfig:
-        if self.max_replicas < self.min_replicas:
-            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= "
-                             f"min_replicas ({self.min_replicas})")
-        return self
 
 
 @dataclass(frozen=True, slots=True)

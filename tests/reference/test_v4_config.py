@@ -10,7 +10,8 @@ LEGACY = dict(model_type="deepseek_v4", vocab_size=64, hidden_size=32, num_hidde
               head_dim=16, q_lora_rank=8, moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2,
               sliding_window=4, o_groups=2, o_lora_rank=4, index_n_heads=2, index_head_dim=8, index_topk=2,
               compress_ratios=[0, 4, 128, 4, 0], num_hash_layers=2, qk_rope_head_dim=8, compress_rate_hca=16,
-              bos_token_id=0, eos_token_id=1, rope_theta=5000.0, compress_rope_theta=80000.0, max_position_embeddings=4096,
+              bos_token_id=0, eos_token_id=1, rope_theta=5000.0, compress_rope_theta=80000.0,
+              max_position_embeddings=4096,
               rope_parameters={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256,
                                "beta_fast": 32, "beta_slow": 1})
 
