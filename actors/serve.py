@@ -91,15 +91,11 @@ def build_backends(options: ServeOptions) -> tuple[list[Backend], Callable[[], N
 
     Called inside the serving event loop, so backends may create asyncio objects bound to it.
     """
-    # THE ONE PLACE TO FILL IN:
-    #   from moeray.actors.deploy import deploy
-    #   dep = deploy(options.engine, address=options.ray_address)   # prints progress while weights load
-    #   return [<Backend over dep, gating_index=i> for i in range(len(dep.gating))], dep.shutdown
-    raise NotImplementedError(
-        "moeray serve cannot start the engine yet: moeray.actors.serve.build_backends() needs a "
-        "moeray.common.api.Backend adapter over moeray.actors.deploy.Deployment (one per gating actor: "
-        "tokenize, detokenize, generate, cancel, status, admin, load), which does not exist yet"
-    )
+    from moeray.actors.backend import backends_for
+    from moeray.actors.deploy import deploy
+
+    dep = deploy(options.engine, address=options.ray_address)  # prints progress while weights load
+    return backends_for(dep), dep.shutdown
 
 
 async def serve(options: ServeOptions, stop_signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)):

@@ -84,3 +84,34 @@ def load_hf(family: str, seed: int = 0):
 
     path = build(family, seed)
     return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+_TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+         "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. "
+         "To be, or not to be, that is the question. All the world's a stage. ") * 20
+
+
+@functools.cache
+def build_with_tokenizer(family: str = "qwen3_moe", seed: int = 0) -> Path:
+    """A tiny model of `family` with vocab 512 and a byte-level BPE tokenizer.json (for text end to end)."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_TEXT], trainer)
+    torch.manual_seed(seed)
+    cfg = hf_config(family)
+    cfg.vocab_size = 512
+    cfg.eos_token_id = tok.token_to_id("<|eos|>")
+    cls = {"mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM,
+           "qwen3_moe": tf.Qwen3MoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM}[family]
+    model = cls(cfg).eval()
+    _perturb_router_state(model)
+    out = Path(tempfile.mkdtemp(prefix=f"moeray-{family}-tok-"))
+    model.save_pretrained(out)
+    tok.save(str(out / "tokenizer.json"))
+    return out
