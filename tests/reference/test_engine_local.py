@@ -22,7 +22,8 @@ def engine_for(family, **kw):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kw", [dict(num_blocks=256, max_num_batched_tokens=128),
                                 dict(num_blocks=256, max_num_batched_tokens=96, micro_batches=2),
-                                dict(num_blocks=30, max_num_batched_tokens=128)], ids=["plain", "microbatch", "preempt"])
+                                dict(num_blocks=30, max_num_batched_tokens=128)],
+                         ids=["plain", "microbatch", "preempt"])
 def test_batch_passes_teacher_forcing(family, kw):
     eng = engine_for(family, block_size=16, **kw)
     g = torch.Generator().manual_seed(0)
