@@ -59,6 +59,7 @@ class Controller:
                 pass  # started below by reconcile (replacement)
         self.health = HealthTracker(failure_threshold=self.config.health_failure_threshold, recovery_successes=1)
         self.autoscale_state = AutoscaleState()
+        self.pinned: dict[int, int] = {}
         self.active = self.desired
         self.events: list[dict[str, Any]] = []
         self.pending: dict[int, Any] = {}  # new replicas not yet ready: actor id -> ping ref
@@ -136,9 +137,10 @@ class Controller:
             raise ValueError(f"unknown expert group {group}; groups: {sorted(self.groups)}")
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
+        self.pinned[group] = replicas  # an operator's count: autoscaling leaves this group alone
         await self._set_replicas(group, replicas)
         await self._push()
-        return {"group": group, "replicas": self.groups[group]}
+        return {"group": group, "replicas": list(self.groups[group])}
 
     async def drain(self, actor_id: int) -> dict[str, Any]:
         """Stop routing to an actor, let in-flight calls finish, then remove it (ops command)."""
@@ -347,9 +349,10 @@ class Controller:
     async def _autoscale(self, now: float) -> bool:
         cfg = self.config.autoscale
         stats = await self._collect_stats()
-        if cfg.max_replicas == cfg.min_replicas == 1 and all(len(m) == 1 for m in self.groups.values()):
+        if cfg.max_replicas == cfg.min_replicas == 1 and all(
+                len(m) == 1 for g, m in self.groups.items() if g not in self.pinned):
             return False
-        current = {g: len(m) for g, m in self.groups.items()}
+        current = {g: len(m) for g, m in self.groups.items() if g not in self.pinned}
         desired = decide_replicas(cfg, stats, current, now, self.autoscale_state)
         changed = False
         for g, n in desired.items():

@@ -115,3 +115,17 @@ def build_with_tokenizer(family: str = "qwen3_moe", seed: int = 0) -> Path:
     model.save_pretrained(out)
     tok.save(str(out / "tokenizer.json"))
     return out
+
+
+@functools.cache
+def build_skewed(seed: int = 0) -> Path:
+    """Tiny DeepSeek-V3 whose correction bias sends every token to experts 0 and 1 (a skewed, hot group)."""
+    model = build_hf_model("deepseek_v3", seed)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.zero_()
+                buf[:2] = 5.0
+    out = Path(tempfile.mkdtemp(prefix="moeray-skewed-"))
+    model.save_pretrained(out)
+    return out
