@@ -432,10 +432,13 @@ class Controller:
             self._shard_started[sid] = started
 
     async def _shard_exists(self, sid: str) -> bool:
+        """Alive or being restarted by Ray (its name is held); False once it is gone for good."""
+        from moeray.actors.kvshard import kv_shard_name
+
         try:
-            await asyncio.wait_for(self.kv_shards[sid].ping.remote(), self.config.health_timeout_s)
+            ray.get_actor(kv_shard_name(self.deployment, sid), namespace=self.config.namespace)
             return True
-        except Exception:  # noqa: BLE001
+        except ValueError:
             return False
 
     async def _replace_shard(self, sid: str) -> None:
@@ -444,7 +447,7 @@ class Controller:
 
         kv = self.config.kv_store
         self.kv_shards[sid] = make_kv_shard(sid, int(kv.shard_capacity_mb * 2**20), kv.shard_num_cpus,
-                                           self.config.max_restarts, self.config.namespace)
+                                           self.config.max_restarts, self.config.namespace, self.deployment)
         self._event("kv_shard_replaced", shard=sid)
         await self._copy_to(sid, HashRing(list(self.kv_shards), replication=kv.replication))
         await asyncio.gather(*[g.set_kv_shards.remote(self.kv_shards) for g in self.gating], return_exceptions=True)

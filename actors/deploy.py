@@ -291,7 +291,7 @@ def deploy(config: ServeConfig | None = None, address: str | None = None, **fiel
         kv = cfg.kv_store
         _progress(f"starting {kv.num_shards} KV-store shards (replication {kv.replication}, codec {kv.codec})")
         kv_shards = {f"kv-{i}": make_kv_shard(f"kv-{i}", int(kv.shard_capacity_mb * 2**20), kv.shard_num_cpus,
-                                              cfg.max_restarts, cfg.namespace) for i in range(kv.num_shards)}
+                                              cfg.max_restarts, cfg.namespace, name) for i in range(kv.num_shards)}
     _progress(f"starting {cfg.num_gating_actors} gating actor(s)")
     gating = [make_gating_actor(cfg, table, experts or None, i, kv_shards=kv_shards or None)
               for i in range(cfg.num_gating_actors)]

@@ -186,9 +186,12 @@ class GatingActor:
         return self.engine.num_free_blocks
 
     async def set_table(self, table: dict[str, Any], expert_actors: dict[int, Any] | None = None) -> int:
-        """Take a new routing table (between steps)."""
-        self._push(("table", RoutingTable.from_dict(table), expert_actors))
-        await self._drain()
+        """Take a new routing table and actor handles. Applied at once (not between steps): a step that is
+        waiting for a lost actor's replacement must see the new handle. Each layer's dispatch reads the table
+        once, so a switch between layers is safe (the controller loads slots before it switches)."""
+        if expert_actors is not None and hasattr(self.transport, "set_actors"):
+            self.transport.set_actors(dict(expert_actors))
+        self.transport.set_table(RoutingTable.from_dict(table))
         return self.transport.table.version
 
     # ---- the loop ------------------------------------------------------------------------------------
@@ -247,10 +250,6 @@ class GatingActor:
             elif item[0] == "abort":
                 if self.engine.abort(item[1]):
                     out.append(StepDelta(item[1], [], None, "cancelled"))
-            elif item[0] == "table":
-                self.transport.set_table(item[1])
-                if item[2] is not None and hasattr(self.transport, "set_actors"):
-                    self.transport.set_actors(dict(item[2]))
         return out
 
     def _step(self) -> list[StepDelta]:

@@ -56,9 +56,14 @@ class KVShardActor:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
 
-def make_kv_shard(shard_id: str, capacity_bytes: int, num_cpus: float, max_restarts: int, namespace: str):
+def kv_shard_name(deployment: str, shard_id: str) -> str:
+    return f"{deployment}-{shard_id}"
+
+
+def make_kv_shard(shard_id: str, capacity_bytes: int, num_cpus: float, max_restarts: int, namespace: str,
+                  deployment: str):
     cls = ray.remote(concurrency_groups={"health": 1})(KVShardActor)
-    return cls.options(num_cpus=num_cpus, max_restarts=max_restarts, name=None,
+    return cls.options(num_cpus=num_cpus, max_restarts=max_restarts, name=kv_shard_name(deployment, shard_id),
                        namespace=namespace).remote(shard_id, capacity_bytes)
 
 

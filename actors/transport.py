@@ -45,7 +45,7 @@ class RayTransport:
         self.table = table
 
     def set_actors(self, actors: dict[int, Any]) -> None:
-        self.actors = actors
+        self.actors = {**self.actors, **actors}  # keep handles of actors still finishing in-flight calls
 
     def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> _Call:
         t0 = time.perf_counter()
