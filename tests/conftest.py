@@ -11,9 +11,10 @@ torch.manual_seed(0)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray for every test of the run that needs it (fixed CPUs, no dashboard)."""
+    """A local Ray shared by the modules that need one (fixed CPUs, no dashboard). Started once and reused;
+    a module that needs its own cluster (tests with ray.cluster_utils) shuts it down and the next one restarts it."""
     import ray
 
     if not ray.is_initialized():

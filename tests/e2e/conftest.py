@@ -2,7 +2,7 @@ import pytest
 from support.tiny_models import build_with_tokenizer
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def e2e_deployment(ray_session):
     """A real deployment (2 expert-group actors, 1 gating actor) of a tiny model with a tokenizer."""
     from moeray.actors.deploy import deploy
