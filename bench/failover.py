@@ -115,7 +115,8 @@ def bench_node_loss(repeats: int) -> dict[str, Any]:
                                  allow_cpu_fallback=True, expert_num_cpus=0, kv_cache_blocks=256,
                                  health_period_s=0.5))
         try:
-            s, g = asyncio.run(_stream_with_kill(dep, lambda: cluster.remove_node(nodes[1]), 4, 48))
+            kill = (lambda c=cluster, n=nodes[1]: c.remove_node(n))
+            s, g = asyncio.run(_stream_with_kill(dep, kill, 4, 48))
             stalls.append(s)
             gaps += g
         finally:
