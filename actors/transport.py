@@ -39,7 +39,10 @@ class RayTransport:
         self.call_timeout_s = call_timeout_s
         self.excluded: set[int] = set()
         self.load = ExpertLoad()
-        self.stats = {"calls": 0, "failovers": 0, "dispatch_s": 0.0, "wait_s": 0.0, "last_stall_s": 0.0}
+        self.stats = {"calls": 0, "failovers": 0, "hedges": 0, "dispatch_s": 0.0, "wait_s": 0.0,
+                      "last_stall_s": 0.0}
+        self.min_hedge_s = 0.25
+        self._latency_ewma_s = 0.0
 
     def set_table(self, table: RoutingTable) -> None:
         self.table = table
@@ -63,17 +66,62 @@ class RayTransport:
 
     def wait(self, call: _Call) -> torch.Tensor:
         t0 = time.perf_counter()
-        outs = []
-        batches = list(call.batches)
-        for i, (b, ref) in enumerate(zip(call.batches, call.refs, strict=True)):
-            try:
-                outs.append(as_tensor(_get(ref, self.call_timeout_s)))
-            except _DEAD + (GetTimeoutError, concurrent.futures.TimeoutError):
-                out = self._recover(call, b)
-                outs.append(out)
-                batches[i] = b
+        outs = [self._wait_one(call, b, ref) for b, ref in zip(call.batches, call.refs, strict=True)]
         self.stats["wait_s"] += time.perf_counter() - t0
-        return combine(call.x.shape[0], call.x.shape[1], batches, outs, dtype=torch.float32)
+        return combine(call.x.shape[0], call.x.shape[1], call.batches, outs, dtype=torch.float32)
+
+    def _hedge_after_s(self) -> float:
+        """How long past its submission a call may run before a copy is sent to another replica: many times
+        the usual call latency (a lost actor's calls can take seconds to fail; a slow one is just slow)."""
+        return max(self.min_hedge_s, 20.0 * self._latency_ewma_s)
+
+    def _wait_one(self, call: _Call, b: ActorBatch, ref) -> torch.Tensor:
+        fut = ref.future()
+        try:
+            left = call.submitted + self._hedge_after_s() - time.perf_counter()
+            out = as_tensor(fut.result(timeout=max(left, 0.0)))
+            self._observe_latency(time.perf_counter() - call.submitted)
+            return out
+        except concurrent.futures.TimeoutError:
+            pass
+        except _DEAD + (GetTimeoutError,):
+            return self._recover(call, b)
+        # overdue: send a copy of its pairs to other live replicas (if any) and take whichever answers first
+        try:
+            sub = plan_dispatch_pairs(b, self.table.layer_slots(call.layer), self.excluded | {b.actor_id}, call.layer)
+        except NoReplicaError:
+            sub = []
+        hedge = None
+        if sub:
+            self.stats["hedges"] += 1
+            sub_x = gather_inputs(call.x, b)
+            hedge = [self._send(call.layer, sub_x, s).future() for s in sub]
+        deadline = call.submitted + self.call_timeout_s
+        t_overdue = time.perf_counter()
+        while time.perf_counter() < deadline:
+            try:
+                return as_tensor(fut.result(timeout=0.01))
+            except concurrent.futures.TimeoutError:
+                pass
+            except _DEAD + (GetTimeoutError,):
+                if hedge is None:
+                    return self._recover(call, b)
+                fut = None
+            if hedge is not None and all(h.done() for h in hedge):
+                try:
+                    outs = [as_tensor(h.result()) for h in hedge]
+                    self.stats["last_stall_s"] = time.perf_counter() - t_overdue + self._hedge_after_s()
+                    return combine(b.num_rows, call.x.shape[1], sub, outs, dtype=torch.float32)
+                except _DEAD + (GetTimeoutError,):
+                    hedge = None
+            if fut is None and hedge is None:
+                return self._recover(call, b)
+            if fut is None:
+                time.sleep(0.005)
+        return self._recover(call, b)
+
+    def _observe_latency(self, dt: float) -> None:
+        self._latency_ewma_s = 0.9 * self._latency_ewma_s + 0.1 * dt if self._latency_ewma_s else dt
 
     def _recover(self, call: _Call, b: ActorBatch) -> torch.Tensor:
         """Recompute one actor's share of a layer on other replicas, or on the restarted actor."""

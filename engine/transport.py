@@ -28,16 +28,35 @@ class ExpertTransport(Protocol):
         """Use a new routing table from the next call on."""
 
 
+class ExpertLoad:
+    """Per-(layer, expert) routed-pair counts since the last `take()`: the load history EPLB balances."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, torch.Tensor] = {}
+
+    def add(self, layer: int, ids: torch.Tensor, num_experts: int) -> None:
+        c = torch.bincount(ids.reshape(-1), minlength=num_experts)
+        cur = self.counts.get(layer)
+        self.counts[layer] = c if cur is None else cur + c
+
+    def take(self) -> dict[int, list[int]]:
+        out = {layer: c.tolist() for layer, c in self.counts.items()}
+        self.counts = {}
+        return out
+
+
 class LocalTransport:
     """Expert groups in this process, keyed by actor id as in the routing table."""
 
     def __init__(self, groups: dict[int, ExpertGroup], table: RoutingTable) -> None:
         self.groups, self.table = groups, table
+        self.load = ExpertLoad()
 
     def set_table(self, table: RoutingTable) -> None:
         self.table = table
 
     def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self.load.add(layer, ids, self.table.num_experts)
         batches = plan_dispatch(ids, weights, self.table.layer_slots(layer), layer=layer)
         outs = [self.groups[b.actor_id].forward(layer, gather_inputs(x, b), b.pair_rows, b.slot_ids, b.weights)
                 for b in batches]
