@@ -61,6 +61,11 @@ class Controller:
         self.autoscale_state = AutoscaleState()
         self.pinned: dict[int, int] = {}
         self.active = self.desired
+        if stored is not None:  # versions never go backwards across a controller restart
+            raw = json.loads(self._kv()._internal_kv_get(table_key(self.deployment)))
+            self.pinned = {int(g): n for g, n in raw.get("pinned", {}).items()}
+            v = max(self.desired.version, int(raw.get("active_version", 0)))
+            self.active = RoutingTable(v, self.desired.layer_ids, self.desired.num_experts, self.desired.replicas)
         self.events: list[dict[str, Any]] = []
         self.pending: dict[int, Any] = {}  # new replicas not yet ready: actor id -> ping ref
         self._last_stats: dict[int, dict[str, float]] = {}
@@ -88,7 +93,8 @@ class Controller:
         return {int(g): a for g, a in json.loads(raw)["groups"].items()} if raw else None
 
     def _persist(self) -> None:
-        data = json.dumps({"table": self.desired.to_dict(), "groups": self.groups})
+        data = json.dumps({"table": self.desired.to_dict(), "groups": self.groups,
+                           "active_version": self.active.version, "pinned": self.pinned})
         self._kv()._internal_kv_put(table_key(self.deployment), data.encode(), overwrite=True)
 
     # ---- public ------------------------------------------------------------------------------------
