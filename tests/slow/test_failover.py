@@ -2,7 +2,6 @@
 completes and passes the teacher-forcing check (`none` codec)."""
 
 import asyncio
-import threading
 import time
 
 import pytest
@@ -40,24 +39,31 @@ def dep(ray_session):
     d.shutdown()
 
 
-def kill_later(actor, delay_s):
-    def run():
-        time.sleep(delay_s)
-        ray.kill(actor, no_restart=False)
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
 def test_expert_actor_killed_mid_generation(dep):
-    ps = prompts(8, 1)
+    ps = prompts(6, 1)
+    sp = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
     victim = next(iter(dep.expert_actors.values()))
-    t = kill_later(victim, 0.5)
-    outs = dep.generate(ps, SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True))
-    t.join()
-    check(outs, ps)
+    killed = []
+
+    async def run():
+        async def one(i):
+            toks = []
+            async for d in dep.stream(f"ek-{i}", ps[i], sp):
+                toks += d.token_ids
+                if i == 0 and len(toks) >= 5 and not killed:
+                    killed.append(True)
+                    ray.kill(victim, no_restart=False)
+            return toks
+        return await asyncio.gather(*[one(i) for i in range(len(ps))])
+
+    toks = asyncio.run(run())
+    assert killed
+    hf = load_hf(FAMILY)
+    for p, t in zip(ps, toks, strict=True):
+        assert len(t) == 48
+        assert teacher_forcing_failures(hf_logits(hf, p + t), len(p), t) == []
     st = dep.status()["gating"][0]["transport_stats"]
-    assert st["failovers"] >= 1
+    assert st["failovers"] + st["hedges"] >= 1  # the lost actor's rows were recomputed elsewhere
     print(f"expert-actor loss stall: {st['last_stall_s'] * 1000:.1f} ms")
 
 
