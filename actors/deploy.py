@@ -47,8 +47,8 @@ def ensure_ray(address: str | None = None, namespace: str = "moeray", num_cpus: 
 
         if os.environ.get("RAY_ADDRESS"):
             ray.init(**kw)
-        else:
-            ray.init(include_dashboard=False, num_cpus=num_cpus, **kw)
+        else:  # a private local Ray: never join some other cluster that happens to run on this machine
+            ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **kw)
 
 
 def build_table(cfg: ServeConfig, model_cfg: ModelConfig) -> RoutingTable:

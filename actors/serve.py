@@ -1,4 +1,4 @@
-"""`moeray serve`: bring the system up, serve the gRPC front end until Ctrl-C or SIGTERM, then shut down.
+"""`moeray serve`: bring the system up, serve gRPC (and HTTP) until Ctrl-C or SIGTERM, then shut down.
 
 The config file (`--config`, YAML) holds ServeConfig fields at the top level plus these serving keys:
 
@@ -6,6 +6,7 @@ The config file (`--config`, YAML) holds ServeConfig fields at the top level plu
     num_expert_groups: 4
     host: 0.0.0.0                     # ... and the serving keys
     port: 50051
+    http_port: 8000                   # also serve the OpenAI-compatible HTTP API
     ray_address: auto
     frontend:                         # moeray.common.api.FrontendConfig
       max_in_flight: 256
@@ -99,24 +100,37 @@ def build_backends(options: ServeOptions) -> tuple[list[Backend], Callable[[], N
 
 
 async def serve(options: ServeOptions, stop_signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)):
-    """Build the backends, serve until one of stop_signals arrives, then stop gracefully and shut down."""
-    if options.http_port is not None:
-        raise NotImplementedError("the HTTP API is not built yet; drop --http-port (gRPC is on --port)")
+    """Build the backends, serve until one of stop_signals arrives, then stop gracefully and shut down.
+
+    With `http_port` set, the OpenAI-compatible HTTP API runs beside gRPC on the same loop and shares its front
+    end: the same backends, bearer token, TLS and in-flight bound.
+    """
     auth = options.frontend.auth_token is not None or options.frontend.auth_token_path is not None
     if options.host not in LOOPBACK_HOSTS and not auth:
         logger.warning("listening on %s without a bearer token: anyone who reaches it can use it", options.host)
     backends, shutdown = build_backends(options)
     try:
         server, port = await serve_frontend(backends, options.host, options.port, config=options.frontend)
+        servers = [server]
+        names = ", ".join(sorted({b.model_name for b in backends}))
+        print(f"moeray: serving {names} on {options.host}:{port} (Ctrl-C to stop)", flush=True)
+        if options.http_port is not None:
+            from moeray.actors.http import serve_http
+
+            try:
+                http, http_port = await serve_http(backends, options.host, options.http_port, frontend=server.frontend)
+            except BaseException:
+                await server.stop(0)
+                raise
+            servers.append(http)
+            print(f"moeray: OpenAI-compatible HTTP API on http://{options.host}:{http_port}/v1", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in stop_signals:
             loop.add_signal_handler(sig, stop.set)
-        names = ", ".join(sorted({b.model_name for b in backends}))
-        print(f"moeray: serving {names} on {options.host}:{port} (Ctrl-C to stop)", flush=True)
         await stop.wait()
         print(f"moeray: stopping; in-flight requests get {options.frontend.grace_s:g} s to finish", flush=True)
-        await server.stop(options.frontend.grace_s)
+        await asyncio.gather(*(s.stop(options.frontend.grace_s) for s in servers))
     finally:
         shutdown()
 

@@ -3,11 +3,12 @@
     moeray serve [--config FILE] [--model PATH] [--host H] [--port 50051] [--ray-address ADDR]
     moeray generate PROMPT [--address HOST:PORT] [--max-tokens N] [--temperature T] [--seed S]
     moeray status | scale GROUP N | drain ACTOR | rebalance | metrics   [--address HOST:PORT]
+    moeray bench [--quick] [--model PATH] [--rates 1,2,4,inf] ...   (the serving benchmark, in-process)
 
 Client commands take the token from --token, --token-file or $MOERAY_TOKEN and the address from --address
 or $MOERAY_ADDRESS. Exit codes: 0 done, 1 the server refused or failed the request, 2 bad command line,
-3 no server reachable (reported within ~10 s), 130 interrupted. `serve` imports the server side (Ray, torch)
-only when it runs.
+3 no server reachable (reported within ~10 s), 130 interrupted. `serve` and `bench` import the server side
+(Ray, torch) only when they run.
 """
 
 from __future__ import annotations
@@ -132,6 +133,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from moeray.bench.serving import run  # deploys the model in-process: needs Ray, torch, transformers
+
+    return run(args)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Parser
 
@@ -209,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_rebalance
     )
     sub.add_parser("metrics", parents=[client], help="table of the deployment's metrics").set_defaults(func=cmd_metrics)
+
+    from moeray.bench.serving import add_arguments as add_bench_arguments  # stdlib-only at import
+
+    bench = sub.add_parser("bench", help="serving benchmark: moeray vs transformers (and vLLM), JSON + PNGs")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

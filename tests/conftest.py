@@ -18,5 +18,5 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, namespace="moeray-tests", log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="moeray-tests", log_to_driver=False)
     yield ray

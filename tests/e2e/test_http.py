@@ -1,0 +1,279 @@
+"""The OpenAI-compatible HTTP API over the real engine, driven by the official `openai` client.
+
+Needs the module-scoped `real_backends` fixture (tests/e2e/conftest.py). The HTTP server runs on its own event
+loop in a background thread, as the gRPC front end does in test_grpc.py. The tiny model ships no chat template,
+so chat goes through the plain default ("<role>: content" lines, then "assistant: ").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from moeray.actors.http import serve_http
+from moeray.common.api import FrontendConfig
+from moeray.common.sampling import SamplingParams
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+TOKEN = "e2e-http-token"
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="http-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout_s: float = 120.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def loop_thread():
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def start_http(loop_thread, real_backends):
+    """Factory: the base URL of an HTTP API over the real backends with the given FrontendConfig fields."""
+    servers = []
+
+    def start(**config) -> str:
+        server, port = loop_thread.run(serve_http(real_backends, "127.0.0.1", 0, FrontendConfig(**config)))
+        servers.append(server)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        loop_thread.run(server.stop(0))
+
+
+@pytest.fixture(scope="module")
+def url(start_http) -> str:
+    return start_http()
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def backend(real_backends):
+    return real_backends[0]
+
+
+@pytest.fixture(scope="module")
+def model(backend) -> str:
+    return backend.model_name
+
+
+def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def backend_greedy(loop_thread, backend, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    async def collect():
+        ids = []
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        async for delta in backend.generate(f"direct-{time.monotonic_ns()}", prompt_ids, params):
+            ids.extend(delta.token_ids)
+        return ids
+
+    return loop_thread.run(collect())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The openai client, completions and chat, streaming and not
+
+
+def test_models_lists_the_served_model(client, backend):
+    models = list(client.models.list())
+    assert [m.id for m in models] == [backend.model_name]
+
+
+def test_completion_equals_the_backends_own_greedy_output(client, backend, model, loop_thread):
+    want = backend_greedy(loop_thread, backend, backend.tokenize(PROMPT), 12)
+    got = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0.0,
+                                    extra_body={"ignore_eos": True})
+    assert got.choices[0].text == backend.detokenize(want)
+    assert got.choices[0].finish_reason == "length"
+    assert got.usage.completion_tokens == 12
+    assert got.usage.prompt_tokens == len(backend.tokenize(PROMPT))
+
+
+def test_completion_stream_equals_the_whole_answer(client, model):
+    params = {"model": model, "prompt": PROMPT, "max_tokens": 10, "temperature": 0.7, "seed": 3}
+    whole = client.completions.create(**params)
+    chunks = list(client.completions.create(**params, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_token_id_prompt_works_like_text(client, backend, model):
+    by_text = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0.0)
+    by_ids = client.completions.create(model=model, prompt=backend.tokenize(PROMPT), max_tokens=6, temperature=0.0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+
+
+def test_completion_logprobs(client, model):
+    got = client.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=0.0, logprobs=0,
+                                    extra_body={"ignore_eos": True})
+    lp = got.choices[0].logprobs
+    assert len(lp.token_logprobs) == 5 and all(x <= 0.0 for x in lp.token_logprobs)
+
+
+def test_chat_completion(client, model, backend, loop_thread):
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    want = backend_greedy(loop_thread, backend, backend.tokenize("user: Once upon a time\nassistant: "), 8)
+    got = client.chat.completions.create(model=model, messages=messages, max_completion_tokens=8, temperature=0.0,
+                                         extra_body={"ignore_eos": True})
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == backend.detokenize(want)
+    assert got.choices[0].finish_reason == "length" and got.usage.completion_tokens == 8
+
+
+def test_chat_stream_equals_the_whole_answer(client, model):
+    params = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "seed": 11}
+    whole = client.chat.completions.create(**params)
+    chunks = list(client.chat.completions.create(**params, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def bad_requests(backend, model: str) -> list[tuple[str, dict]]:
+    """(param the 400 must name, completion request fields), sized to the served model."""
+    ctx, vocab = backend.max_context, backend.vocab_size
+    return [
+        ("prompt", {"prompt": ""}),
+        ("prompt", {"prompt": [vocab]}),
+        ("prompt", {"prompt": " ".join(["hello"] * (2 * ctx)), "max_tokens": 1}),
+        ("max_tokens", {"prompt": "hi", "max_tokens": ctx}),
+        ("max_tokens", {"prompt": "hi", "max_tokens": 0}),
+        ("temperature", {"prompt": "hi", "temperature": -1.0}),
+        ("top_p", {"prompt": "hi", "top_p": 1.5}),
+        ("stop", {"prompt": "hi", "stop": [""]}),
+        ("n", {"prompt": "hi", "n": 2}),
+    ]
+
+
+def test_bad_requests_get_openai_shaped_400s(client, backend, model):
+    for param, fields in bad_requests(backend, model):
+        prompt = fields.pop("prompt")
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model, prompt=prompt, **fields)
+        assert e.value.status_code == 400
+        assert e.value.body["param"] == param, (param, e.value.body)
+        assert e.value.body["type"] == "invalid_request_error" and e.value.body["message"].startswith(param)
+    assert client.completions.create(model=model, prompt="hi", max_tokens=2).choices[0].finish_reason
+
+
+def test_chat_bad_request_names_the_message(client, model):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=[{"role": "wizard", "content": "hi"}])
+    assert e.value.body["param"] == "messages[0].role"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_auth_gives_401_without_the_token_and_serves_with_it(start_http, model):
+    secured = start_http(auth_token=TOKEN)
+    for key in ("", "wrong-token"):
+        anonymous = openai.OpenAI(base_url=f"{secured}/v1", api_key=key or "x", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            anonymous.completions.create(model=model, prompt="hi", max_tokens=2)
+    assert httpx.post(f"{secured}/v1/completions", json={"prompt": "hi"}).status_code == 401
+    authorized = openai.OpenAI(base_url=f"{secured}/v1", api_key=TOKEN, max_retries=0)
+    assert authorized.completions.create(model=model, prompt="hi", max_tokens=2).choices[0].finish_reason
+    assert httpx.get(f"{secured}/health").status_code == 200  # probes need no token
+
+
+def test_disconnect_mid_stream_frees_the_blocks(client, model, backend, real_backends):
+    blocks_before = [b.num_free_blocks() for b in real_backends]
+    max_tokens = min(backend.max_context - len(backend.tokenize(PROMPT)) - 1, 400)
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0.0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    next(iter(stream))
+    assert any(b.load() for b in real_backends)
+    stream.close()  # the client goes away mid-stream
+    wait_until(lambda: all(b.load() == 0 for b in real_backends), what="backends to go idle")
+    wait_until(lambda: [b.num_free_blocks() for b in real_backends] == blocks_before, what="all KV blocks back")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `moeray serve --http-port`: HTTP beside gRPC, one front end
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_runs_http_beside_grpc(real_backends, model, monkeypatch):
+    from moeray.actors import serve as serve_module
+    from moeray.clients.client import MoerayClient
+    from moeray.common.config import ServeConfig
+
+    monkeypatch.setattr(serve_module, "build_backends", lambda options: (real_backends, lambda: None))
+    grpc_port, http_port = free_port(), free_port()
+    options = serve_module.ServeOptions(engine=ServeConfig(), port=grpc_port, http_port=http_port,
+                                        frontend=FrontendConfig(auth_token=TOKEN))
+    answers: dict[str, object] = {}
+
+    def drive() -> None:
+        try:
+            url = f"http://127.0.0.1:{http_port}"
+            wait_until(lambda: _healthy(url), timeout_s=60, what="the HTTP API")
+            oai = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=60)
+            answers["http"] = oai.completions.create(model=model, prompt="hi", max_tokens=3,
+                                                    extra_body={"ignore_eos": True}).usage.completion_tokens
+            with MoerayClient(f"127.0.0.1:{grpc_port}", token=TOKEN) as c:
+                answers["grpc"] = len(c.complete("hi", max_tokens=3, ignore_eos=True).token_ids)
+        except Exception as e:  # reported by the test body
+            answers["error"] = e
+        finally:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    asyncio.run(asyncio.wait_for(serve_module.serve(options, stop_signals=(signal.SIGUSR1,)), 180))
+    thread.join(10)
+    assert "error" not in answers, answers.get("error")
+    assert answers == {"http": 3, "grpc": 3}
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
