@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
 import sys
@@ -115,8 +116,7 @@ def bench_node_loss(repeats: int) -> dict[str, Any]:
                                  allow_cpu_fallback=True, expert_num_cpus=0, kv_cache_blocks=256,
                                  health_period_s=0.5))
         try:
-            kill = (lambda c=cluster, n=nodes[1]: c.remove_node(n))
-            s, g = asyncio.run(_stream_with_kill(dep, kill, 4, 48))
+            s, g = asyncio.run(_stream_with_kill(dep, functools.partial(cluster.remove_node, nodes[1]), 4, 48))
             stalls.append(s)
             gaps += g
         finally:
@@ -134,7 +134,7 @@ def bench_eplb(repeats: int) -> dict[str, Any]:
     from moeray.common.config import ServeConfig
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     dep = deploy(ServeConfig(model=_build("deepseek_v3", skew=True), num_expert_groups=4, placement="blocks",
                              kv_cache_blocks=512, max_num_batched_tokens=1024))
     g = torch.Generator().manual_seed(0)
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-node-loss", action="store_true")
     args = p.parse_args(argv)
     res: dict[str, Any] = {"bench": "failover"}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     print("[1/3] expert-actor kill ...", flush=True)
     res["expert_kill"] = bench_expert_kill(args.repeats)
     print("[2/3] EPLB on a skewed load ...", flush=True)
