@@ -17,6 +17,7 @@ class PagedKVCache:
     def __init__(self, spec: ModelCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32):
         spec.check_block_size(block_size)
         self.spec, self.num_blocks, self.block_size = spec, num_blocks, block_size
+        self.batched_decode_calls = 0
         self.pools: list[dict[str, torch.Tensor]] = []
         self.rows_per_block: list[dict[str, int]] = []
         for layer in spec.layers:
@@ -34,6 +35,33 @@ class PagedKVCache:
     def view(self, block_table: list[int]) -> SeqCacheView:
         return SeqCacheView(self, block_table)
 
+    # ---- batched decode (one new token per sequence) -----------------------------------------------------
+    def decode_write_gather(self, layer_id: int, views: list[SeqCacheView], positions: torch.Tensor,
+                            rows: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Write one new row per sequence and gather every sequence's rows 0..pos, padded (mutates the pools).
+
+        positions [S] (the new tokens' positions); rows: name -> [S, *row_shape] (tokens_per_row 1 tensors)
+        -> (name -> [S, L, *row_shape], valid [S, L] bool), L = the longest sequence; padding reads a valid row
+        and is masked out by `valid`.
+        """
+        self.batched_decode_calls += 1
+        pools = self.pools[layer_id]
+        rpb = {self.rows_per_block[layer_id][n] for n in rows}
+        assert rpb == {self.block_size}, "batched decode needs one row per token"
+        b = self.block_size
+        tables = torch.nn.utils.rnn.pad_sequence([v.blocks for v in views], batch_first=True)  # [S, max blocks]
+        s_ids = torch.arange(len(views))
+        dst = tables[s_ids, positions // b] * b + positions % b  # [S]
+        for name, r in rows.items():
+            pools[name].index_copy_(0, dst, r.to(pools[name].dtype))
+        lengths = positions + 1
+        span = torch.arange(int(lengths.max()))  # [L]
+        valid = span[None, :] < lengths[:, None]  # [S, L]
+        cols = torch.where(valid, span[None, :], 0)
+        src = (tables.gather(1, cols // b) * b + cols % b).reshape(-1)  # [S * L]
+        out = {name: pools[name].index_select(0, src).view(*valid.shape, *pools[name].shape[1:]) for name in rows}
+        return out, valid
+
     # ---- block payloads for the KV store ------------------------------------------------------------
     def read_block(self, block_id: int) -> list[dict[str, torch.Tensor]]:
         """Every layer's rows of one block: layer -> name -> [R, *row_shape] (copies)."""
@@ -50,10 +78,12 @@ class PagedKVCache:
 
 
 class SeqCacheView:
-    """One sequence's cache (all layers) through its block table."""
+    """One sequence's cache (all layers) through its block table. `batch` is the pool a batch of views can
+    share for batched decode (attention modules look for it; other caches have none)."""
 
     def __init__(self, cache: PagedKVCache, block_table: list[int]) -> None:
         self.cache = cache
+        self.batch = cache
         self.blocks = torch.tensor(block_table, dtype=torch.long)
 
     def layer(self, layer_id: int) -> _LayerView:

@@ -10,7 +10,8 @@ r = MLA latent rank, R = rope dim.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -78,21 +79,50 @@ class GQAttention(nn.Module):
         return gqa_spec(self.hkv, self.dh, window=self.window)
 
     def forward(self, x: torch.Tensor, start_pos: int, cache: LayerCache) -> torch.Tensor:  # [n, D] -> [n, D]
+        q, k, v = self._qkv(x, torch.arange(start_pos, start_pos + x.shape[0]))
+        return self.o_proj(self._attend_one(q, k, v, start_pos, cache))
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [n, D], positions [n] -> roped q [n, H, Dh], k [n, Hkv, Dh], v [n, Hkv, Dh]."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.h, self.dh)
         k = self.k_proj(x).view(n, self.hkv, self.dh)
         v = self.v_proj(x).view(n, self.hkv, self.dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary.cos_sin(torch.arange(start_pos, start_pos + n))
-        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        cos, sin = self.rotary.cos_sin(positions)
+        return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
+
+    def forward_batch(self, x: torch.Tensor, seqs: Sequence[Any], layer_id: int) -> torch.Tensor:
+        """The whole flattened batch at once: x [N, D] -> [N, D]. Projections, norms and RoPE run over all N
+        tokens; a batch of decode tokens over one paged pool (`cache.batch.decode_write_gather`) writes and
+        gathers K/V with one op each and runs one masked SDPA; anything else attends per sequence."""
+        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.num_tokens) for s in seqs])  # [N]
+        q, k, v = self._qkv(x, positions)
+        pool = getattr(seqs[0].cache, "batch", None)
+        if pool is not None and not self.window and all(
+                s.num_tokens == 1 and getattr(s.cache, "batch", None) is pool for s in seqs):
+            kv, valid = pool.decode_write_gather(layer_id, [s.cache for s in seqs], positions, {"k": k, "v": v})
+            out = F.scaled_dot_product_attention(q[:, :, None, :], kv["k"].transpose(1, 2), kv["v"].transpose(1, 2),
+                                                 attn_mask=valid[:, None, None, :], scale=self.scale, enable_gqa=True)
+            return self.o_proj(out.reshape(len(seqs), -1))
+        outs, off = [], 0
+        for s in seqs:
+            sl = slice(off, off + s.num_tokens)
+            outs.append(self._attend_one(q[sl], k[sl], v[sl], s.start_pos, s.cache.layer(layer_id)))
+            off += s.num_tokens
+        return self.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+
+    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+                    cache: LayerCache) -> torch.Tensor:
+        """One sequence's new rows (roped): write K/V, read the context, attend -> [n, H * Dh]."""
+        n = q.shape[0]
         cache.write("k", start_pos, k)
         cache.write("v", start_pos, v)
         end = start_pos + n
         lo = max(0, start_pos - self.window + 1) if self.window else 0
         keys, values = cache.read("k", lo, end), cache.read("v", lo, end)
-        out = attend(q, keys, values, causal_mask(start_pos, n, lo, end, self.window), self.scale)
-        return self.o_proj(out)
+        return attend(q, keys, values, causal_mask(start_pos, n, lo, end, self.window), self.scale)
 
 
 class MLAttention(nn.Module):

@@ -65,6 +65,9 @@ class DecoderLayer(nn.Module):
     def attention(self, state: torch.Tensor, seqs: Sequence[SeqChunk]) -> torch.Tensor:
         """state [N, D] -> [N, D]: pre-norm attention over each sequence's cache, plus the residual."""
         h = self.input_layernorm(state)
+        batch = getattr(self.self_attn, "forward_batch", None)
+        if batch is not None:
+            return state + batch(h, seqs, self.layer_id)
         outs, off = [], 0
         for s in seqs:
             outs.append(self.self_attn(h[off:off + s.num_tokens], s.start_pos, s.cache.layer(self.layer_id)))
