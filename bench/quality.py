@@ -141,6 +141,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "expert_load": {str(k): v.tolist() for k, v in load.items()}}
 
 
+def _unigram_ppl(info: dict[str, Any]) -> float | None:
+    """The unigram perplexity training_info.json records (key names vary with the script version)."""
+    for key, v in _walk(info):
+        if "unigram" in key and "ppl" in key or "unigram" in key and "perplexity" in key:
+            return float(v)
+    for key, v in _walk(info):
+        if "unigram" in key and "loss" in key:
+            return math.exp(float(v))
+    return None
+
+
+def _walk(d: Any, prefix: str = ""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    elif isinstance(d, int | float):
+        yield prefix.rstrip(".").lower(), d
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m moeray.bench.quality", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=default_model())
@@ -148,7 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
+    p.add_argument("--write-sample", type=int, default=0, metavar="N",
+                   help="only write the first N validation token ids to MODEL/validation_sample.json (what the "
+                        "bundled-model test reads, so tests need no download) and exit")
     args = p.parse_args(argv)
+    if args.write_sample:
+        ids = validation_ids(args.model, args.write_sample)
+        info = json.loads((args.model / "training_info.json").read_text())
+        sample = {"source": "first tokens of the held-out plays (bench/quality.py --write-sample)",
+                  "token_ids": ids, "unigram_perplexity_full_validation": _unigram_ppl(info)}
+        (args.model / "validation_sample.json").write_text(json.dumps(sample) + "\n")
+        print(f"wrote {len(ids)} token ids to {args.model / 'validation_sample.json'}")
+        return 0
     res = run(args)
     print(f"validation perplexity on {res['tokens']} tokens ({res['windows']} windows of {res['window']}; "
           "second halves scored)")
