@@ -47,3 +47,36 @@ def test_removing_a_node_loses_no_request():
             print(f"node loss: failovers={st['failovers']} stall={st['last_stall_s'] * 1000:.1f} ms")
         finally:
             dep.shutdown()
+
+
+def test_replica_waits_for_a_device_then_joins():
+    """Scaling a group onto NPUs the cluster does not have: the controller asks the Ray autoscaler
+    (request_resources), keeps the replica out of the routing table while it is pending, and routes to it once a
+    node with a free NPU joins. Requests are served throughout."""
+    with local_cluster(head_cpus=3) as cluster:
+        cluster.add_node(num_cpus=0, resources={"NPU": 1})
+        cluster.wait_for_nodes()
+        dep = deploy(ServeConfig(model=str(build(FAMILY)), num_expert_groups=1, device="npu",
+                                 allow_cpu_fallback=True, expert_num_cpus=0, kv_cache_blocks=128,
+                                 health_period_s=0.5))
+        try:
+            sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+            before = dep.generate([[5, 6, 7]], sp)[0].token_ids
+            dep.scale(0, 2)
+            st = dep.status()
+            new = [e for e in st["experts"] if e["actor_id"] != 0][0]
+            assert new["pending"] and not new["routed"]
+            assert "autoscaler_request" in [e["event"] for e in st["events"]]
+            assert dep.generate([[5, 6, 7]], sp)[0].token_ids == before  # served by the placed replica
+            cluster.add_node(num_cpus=0, resources={"NPU": 1})  # what the autoscaler would launch
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                e = next(x for x in dep.status()["experts"] if x["actor_id"] == new["actor_id"])
+                if e["routed"] and not e["pending"]:
+                    break
+                time.sleep(0.5)
+            else:
+                raise AssertionError("the pending replica never joined the routing table")
+            assert dep.generate([[5, 6, 7]], sp)[0].token_ids == before
+        finally:
+            dep.shutdown()
