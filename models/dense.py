@@ -128,12 +128,18 @@ class DenseModel(nn.Module):
 
         token_ids [N] -> logits [N, V], or only for `logit_rows` [M] -> [M, V].
         """
-        state = self.embed(token_ids)
-        for layer in self.layers:
-            state = run_layer(layer, state, token_ids, seqs, routed)
-        if logit_rows is not None:
-            state = state[logit_rows]
-        return self.logits(state)
+        return run_model(self, token_ids, seqs, routed, logit_rows)
+
+
+def run_model(model: nn.Module, token_ids: torch.Tensor, seqs: Sequence[SeqChunk], routed: RoutedFn,
+              logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Any dense part (embed, layers, logits): the flattened batch through every layer -> logits."""
+    state = model.embed(token_ids)
+    for layer in model.layers:
+        state = run_layer(layer, state, token_ids, seqs, routed)
+    if logit_rows is not None:
+        state = state[logit_rows]
+    return model.logits(state)
 
 
 def run_layer(layer: nn.Module, state: torch.Tensor, token_ids: torch.Tensor, seqs: Sequence[SeqChunk],

@@ -26,7 +26,7 @@ from torch import nn
 
 from moeray.kvstore.spec import ModelCacheSpec
 from moeray.models.config import ModelConfig
-from moeray.models.dense import RoutedFn, SeqChunk, run_layer
+from moeray.models.dense import RoutedFn, SeqChunk, run_model
 from moeray.models.layers import RMSNorm
 from moeray.models.v4.attention import V4Attention
 from moeray.models.v4.config import V4Extra, v4_extra
@@ -149,12 +149,7 @@ class V4DenseModel(nn.Module):
     def forward_tokens(self, token_ids: torch.Tensor, seqs: Sequence[SeqChunk], routed: RoutedFn,
                        logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """token_ids [N] -> logits [N, V], or only for `logit_rows` [M] -> [M, V]."""
-        state = self.embed(token_ids)
-        for layer in self.layers:
-            state = run_layer(layer, state, token_ids, seqs, routed)
-        if logit_rows is not None:
-            state = state[logit_rows]
-        return self.logits(state)
+        return run_model(self, token_ids, seqs, routed, logit_rows)
 
     def hf_name(self, key: str) -> str:
         return v4_checkpoint_name(key, self.cfg.tie_word_embeddings)

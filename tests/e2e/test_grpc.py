@@ -13,7 +13,6 @@ import asyncio
 import math
 import shutil
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.loop import LoopThread
 
 from moeray.actors.frontend import serve_frontend
 from moeray.clients.client import (
@@ -45,22 +45,6 @@ TOKEN = "e2e-secret-token"
 
 # ---------------------------------------------------------------------------------------------------------
 # Fixtures: a front end on a background event loop
-
-
-class LoopThread:
-    """An event loop running in a daemon thread; blocking test code submits coroutines to it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="frontend-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout_s: float = 120.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 class Frontend:

@@ -17,6 +17,7 @@ import time
 import httpx
 import openai
 import pytest
+from support.loop import LoopThread
 
 from moeray.actors.http import serve_http
 from moeray.common.api import FrontendConfig
@@ -24,20 +25,6 @@ from moeray.common.sampling import SamplingParams
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 TOKEN = "e2e-http-token"
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="http-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout_s: float = 120.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

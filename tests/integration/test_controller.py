@@ -1,11 +1,11 @@
 """The controller on a running deployment: ops commands (status, scale, drain), EPLB on a skewed load with
 outputs unchanged, and a controller restart that keeps the routing table."""
 
-import time
 
 import pytest
 import ray
 from support.tiny_models import build_skewed
+from support.waiting import wait_for
 
 from moeray.actors.deploy import deploy
 from moeray.common import SamplingParams
@@ -21,16 +21,6 @@ def dep(ray_session):
                            health_period_s=0.5))
     yield d
     d.shutdown()
-
-
-def wait_for(pred, timeout_s=30.0, period_s=0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(period_s)
-    raise AssertionError("condition not reached in time")
 
 
 def test_status_lists_every_actor_with_node_and_health(dep):

@@ -2,12 +2,12 @@
 Ray cannot restart is replaced, a lost KV shard's blocks are re-replicated. Eventual outcomes, not timings."""
 
 import threading
-import time
 
 import pytest
 import ray
 from support.teacher import hf_logits, teacher_forcing_failures
 from support.tiny_models import build, build_skewed, load_hf
+from support.waiting import wait_for
 
 from moeray.actors.deploy import deploy
 from moeray.common import SamplingParams
@@ -16,16 +16,6 @@ from moeray.kvstore.ring import HashRing
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-
-
-def wait_for(pred, timeout_s=60.0, period_s=0.25):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(period_s)
-    raise AssertionError("condition not reached in time")
 
 
 def replicas(dep, group):
