@@ -44,8 +44,8 @@ def interleaved_times(probes: dict[str, Callable[[], Any]], repeats: int, warmup
     return {name: sorted(ts) for name, ts in times.items()}
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers depend on: CPU, cores, torch threads, load average when the run started."""
+def host_info() -> dict[str, Any]:
+    """CPU model, cores, Python and the 1-minute load average now (no torch)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -55,8 +55,13 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "load_avg_1m": round(load[0], 2), "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": round(load[0], 2),
+            "python": platform.python_version()}
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers depend on: CPU, cores, torch threads, load average when the run started."""
+    return {**host_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def process_tree_cpu_s(root_pid: int, exclude: tuple[int, ...] = ()) -> float:

@@ -38,7 +38,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import random
 import signal
 import subprocess
@@ -782,17 +781,11 @@ def to_json(result: dict[str, Any], args: argparse.Namespace, pngs: list[Path]) 
 
 
 def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m_at_end": round(load[0], 2),
-            "python": platform.python_version()}
+    from moeray.bench.common import host_info
+
+    info = host_info()
+    info["load_avg_1m_at_end"] = info.pop("load_avg_1m")
+    return info
 
 
 def _json_safe(obj):
