@@ -1,4 +1,5 @@
 import pytest
+from support.loop import LoopThread
 from support.tiny_models import build_with_tokenizer
 
 
@@ -18,3 +19,11 @@ def real_backends(e2e_deployment):
     from moeray.actors.backend import backends_for
 
     return backends_for(e2e_deployment)
+
+
+@pytest.fixture(scope="module")
+def loop_thread():
+    """The servers' event loop, in a daemon thread (one per module)."""
+    loop = LoopThread()
+    yield loop
+    loop.close()

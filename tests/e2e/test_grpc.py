@@ -61,13 +61,6 @@ class Frontend:
 
 
 @pytest.fixture(scope="module")
-def loop_thread():
-    loop = LoopThread()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def start_frontend(loop_thread, real_backends):
     """Factory: start a front end over the real backends with the given FrontendConfig fields."""
     started: list[Frontend] = []

@@ -17,7 +17,6 @@ import time
 import httpx
 import openai
 import pytest
-from support.loop import LoopThread
 
 from moeray.actors.http import serve_http
 from moeray.common.api import FrontendConfig
@@ -25,13 +24,6 @@ from moeray.common.sampling import SamplingParams
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 TOKEN = "e2e-http-token"
-
-
-@pytest.fixture(scope="module")
-def loop_thread():
-    loop = LoopThread()
-    yield loop
-    loop.close()
 
 
 @pytest.fixture(scope="module")
