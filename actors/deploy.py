@@ -19,7 +19,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from moeray.actors.controller import expert_actor_name
 from moeray.actors.expert import make_expert_actor
-from moeray.actors.gating import engine_config, load_tokenizer, make_gating_actor
+from moeray.actors.gating import LOST, engine_config, load_tokenizer, make_gating_actor
 from moeray.actors.kvshard import make_kv_shard
 from moeray.common.config import ServeConfig
 from moeray.common.errors import BackendUnavailableError, RequestError
@@ -114,8 +114,12 @@ class Deployment:
                 except _ACTOR_GONE:
                     self._failover_batch(gi, live[gi], outs, plist_by_rid, by_actor, deadline)
                     continue
+                lost = [rid for rid, deltas in got.items() if deltas and deltas[-1].finish_reason == LOST]
+                if lost:  # the actor restarted between two polls and forgot them
+                    self._failover_batch(gi, lost, outs, plist_by_rid, by_actor, deadline)
                 for rid, deltas in got.items():
-                    _apply(outs[rid], deltas)
+                    if rid not in lost:
+                        _apply(outs[rid], deltas)
         for o in outs.values():
             if o.finish_reason and o.finish_reason.startswith("error"):
                 raise BackendUnavailableError(f"request {o.request_id} failed: {o.finish_reason}")
@@ -157,7 +161,11 @@ class Deployment:
                 except _ACTOR_GONE:
                     gi = await self._resubmit(request_id, prompt_ids, params, done, gi, failover_timeout_s)
                     continue
-                for d in got.get(request_id, []):
+                deltas = got.get(request_id, [])
+                if deltas and deltas[-1].finish_reason == LOST:  # the actor restarted and forgot it
+                    gi = await self._resubmit(request_id, prompt_ids, params, done, gi, failover_timeout_s)
+                    continue
+                for d in deltas:
                     done.extend(d.token_ids)
                     yield d
                     if d.finish_reason is not None:

@@ -28,6 +28,8 @@ from moeray.models.config import ModelConfig
 from moeray.models.registry import build_dense_model, expert_group_kwargs
 from moeray.router.table import RoutingTable
 
+LOST = "lost"  # poll's answer for a request this actor does not know: resubmit it (the actor restarted)
+
 
 def engine_config(cfg: ServeConfig) -> EngineConfig:
     return EngineConfig(block_size=cfg.block_size, num_blocks=cfg.kv_cache_blocks,
@@ -96,6 +98,7 @@ class GatingActor:
         self._last_error: str | None = None
         self._step_s = 0.0
         self._t_submit: dict[str, float] = {}
+        self._cancelled: dict[str, None] = {}  # recently cancelled ids (insertion-ordered, bounded)
         self._t_last: dict[str, float] = {}
         from moeray.actors.metrics import GatingMetrics
 
@@ -137,7 +140,10 @@ class GatingActor:
         out = {}
         for r in request_ids:
             buf = self._buffers.get(r)
-            if buf:
+            if buf is None:
+                # cancelled here, or never known here (this actor restarted and lost it): tell the poller
+                out[r] = [StepDelta(r, [], None, "cancelled" if r in self._cancelled else LOST)]
+            elif buf:
                 out[r] = buf
                 if buf[-1].finish_reason is not None:
                     del self._buffers[r]
@@ -278,7 +284,12 @@ class GatingActor:
                 self._observe(deltas)
                 for d in deltas:
                     buf = self._buffers.get(d.request_id)
-                    if buf is not None:
+                    if d.finish_reason == "cancelled":
+                        self._buffers.pop(d.request_id, None)  # whoever cancelled stopped polling
+                        self._cancelled[d.request_id] = None
+                        while len(self._cancelled) > 10_000:
+                            self._cancelled.pop(next(iter(self._cancelled)))
+                    elif buf is not None:
                         buf.append(d)
                     if d.finish_reason is not None:
                         self._num_active = max(0, self._num_active - 1)
