@@ -13,7 +13,6 @@ import asyncio
 import math
 import shutil
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -23,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.loop import LoopThread
+from support.waiting import wait_until
 
 from moeray.actors.frontend import serve_frontend
 from moeray.clients.client import (
@@ -105,14 +105,6 @@ def run_backend(loop_thread, backend, request_id: str, prompt_ids: list[int], pa
         return ids, finish
 
     return loop_thread.run(collect())
-
-
-def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def long_generation(backend) -> dict:

@@ -17,6 +17,7 @@ import time
 import httpx
 import openai
 import pytest
+from support.waiting import wait_until
 
 from moeray.actors.http import serve_http
 from moeray.common.api import FrontendConfig
@@ -59,14 +60,6 @@ def backend(real_backends):
 @pytest.fixture(scope="module")
 def model(backend) -> str:
     return backend.model_name
-
-
-def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def backend_greedy(loop_thread, backend, prompt_ids: list[int], max_tokens: int) -> list[int]:

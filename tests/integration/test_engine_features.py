@@ -4,8 +4,9 @@ transport, cancel freeing blocks, seeded sampling equal on both transports."""
 import asyncio
 
 import pytest
+from support.teacher import assert_teacher_forced
 from support.tiny_models import build, load_hf
-from test_engine_ray import assert_teacher_forced, workload
+from test_engine_ray import workload
 
 from moeray.actors.deploy import deploy
 from moeray.common import SamplingParams

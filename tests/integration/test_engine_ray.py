@@ -4,7 +4,7 @@ transports. One deployment per family, reused by the tests of that family."""
 
 import pytest
 import torch
-from support.teacher import hf_logits, teacher_forcing_failures
+from support.teacher import assert_teacher_forced, hf_logits, teacher_forcing_failures
 from support.tiny_models import FAMILIES, build, load_hf
 
 from moeray.actors.deploy import deploy
@@ -19,13 +19,6 @@ def workload(n=16, seed=0, max_prompt=200, max_out=64):
                for _ in range(n)]
     outs = [int(torch.randint(1, max_out + 1, (1,), generator=g)) for _ in range(n)]
     return prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in outs]
-
-
-def assert_teacher_forced(hf, prompts, params, outs):
-    for p, sp, o in zip(prompts, params, outs, strict=True):
-        assert len(o.token_ids) == sp.max_tokens
-        assert o.finish_reason == "length"
-        assert teacher_forcing_failures(hf_logits(hf, p + o.token_ids), len(p), o.token_ids) == []
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

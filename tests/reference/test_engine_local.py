@@ -3,7 +3,7 @@ micro-batches and preemption all pass the teacher-forcing check."""
 
 import pytest
 import torch
-from support.teacher import hf_logits, teacher_forcing_failures
+from support.teacher import assert_teacher_forced
 from support.tiny_models import FAMILIES, build, load_hf
 
 from moeray.common import SamplingParams
@@ -33,9 +33,7 @@ def test_batch_passes_teacher_forcing(family, kw):
                              ignore_eos=True) for _ in range(16)]
     outs = eng.generate(prompts, params)
     hf = load_hf(family)
-    for p, sp, o in zip(prompts, params, outs, strict=True):
-        assert len(o.token_ids) == sp.max_tokens
-        assert teacher_forcing_failures(hf_logits(hf, p + o.token_ids), len(p), o.token_ids) == []
+    assert_teacher_forced(hf, prompts, params, outs)
     assert eng.num_free_blocks == kw["num_blocks"]
     if kw["num_blocks"] == 30:
         assert eng.scheduler.num_preemptions > 0

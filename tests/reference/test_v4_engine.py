@@ -3,7 +3,7 @@ batching, chunked prefill, micro-batches, preemption and KV-store prefix reuse p
 
 import pytest
 import torch
-from support.teacher import hf_logits, teacher_forcing_failures
+from support.teacher import assert_teacher_forced, hf_logits, teacher_forcing_failures
 from support.tiny_v4 import CONFIGS, build, load_hf
 
 from moeray.common import SamplingParams
@@ -40,9 +40,7 @@ def test_batch_passes_teacher_forcing(name, kw):
     params = [greedy(int(torch.randint(1, 33, (1,), generator=g))) for _ in range(8)]
     outs = eng.generate(prompts, params)
     hf = load_hf(name)
-    for p, sp, o in zip(prompts, params, outs, strict=True):
-        assert len(o.token_ids) == sp.max_tokens
-        assert teacher_forcing_failures(hf_logits(hf, p + o.token_ids), len(p), o.token_ids) == []
+    assert_teacher_forced(hf, prompts, params, outs)
     assert eng.num_free_blocks == kw["num_blocks"]
     if kw["num_blocks"] == 24:
         assert eng.scheduler.num_preemptions > 0

@@ -22,3 +22,11 @@ def teacher_forcing_failures(ref_logits: torch.Tensor, prompt_len: int, generate
 def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+def assert_teacher_forced(hf_model, prompts, params, outs) -> None:
+    """Every output ran to max_tokens and each token passes the teacher-forcing check."""
+    for p, sp, o in zip(prompts, params, outs, strict=True):
+        assert len(o.token_ids) == sp.max_tokens
+        assert o.finish_reason == "length"
+        assert teacher_forcing_failures(hf_logits(hf_model, p + o.token_ids), len(p), o.token_ids) == []

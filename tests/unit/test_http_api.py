@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import httpx
 import openai
 import pytest
+from support.loop import LoopThread
 
 from moeray.actors.frontend import Frontend
 from moeray.actors.http import ChatTemplate, serve_http
@@ -74,23 +74,9 @@ class FakeBackend:
         return len(self.active)
 
 
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout_s: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def loop():
-    thread = LoopThread()
+    thread = LoopThread("http-api-loop", timeout_s=30.0)
     yield thread
     thread.close()
 
