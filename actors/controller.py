@@ -45,12 +45,15 @@ class Controller:
         self.deployment = deployment
         self.gating = list(gating)
         self.kv_shards = dict(kv_shards or {})
-        stored = self._load_table()
-        self.desired = stored if stored is not None else RoutingTable.from_dict(table)
+        stored = self._load()  # what a previous incarnation persisted, or None on first start
+        self.desired = RoutingTable.from_dict(stored["table"] if stored else table)
         # group (the original expert group id) -> its replica actor ids
-        self.groups: dict[int, list[int]] = {int(g): list(a) for g, a in groups.items()}
-        if stored is not None:
-            self.groups = self._load_groups() or self.groups
+        saved_groups = stored["groups"] if stored else groups
+        self.groups: dict[int, list[int]] = {int(g): list(a) for g, a in saved_groups.items()}
+        self.pinned: dict[int, int] = {int(g): n for g, n in (stored or {}).get("pinned", {}).items()}
+        # versions never go backwards across a controller restart
+        version = max(self.desired.version, int((stored or {}).get("active_version", 0)))
+        self.active = RoutingTable(version, self.desired.layer_ids, self.desired.num_experts, self.desired.replicas)
         self.actors: dict[int, Any] = {}
         for a in self.desired.actor_ids:
             try:
@@ -59,13 +62,6 @@ class Controller:
                 pass  # started below by reconcile (replacement)
         self.health = HealthTracker(failure_threshold=self.config.health_failure_threshold, recovery_successes=1)
         self.autoscale_state = AutoscaleState()
-        self.pinned: dict[int, int] = {}
-        self.active = self.desired
-        if stored is not None:  # versions never go backwards across a controller restart
-            raw = json.loads(self._kv()._internal_kv_get(table_key(self.deployment)))
-            self.pinned = {int(g): n for g, n in raw.get("pinned", {}).items()}
-            v = max(self.desired.version, int(raw.get("active_version", 0)))
-            self.active = RoutingTable(v, self.desired.layer_ids, self.desired.num_experts, self.desired.replicas)
         self.events: list[dict[str, Any]] = []
         self.pending: dict[int, Any] = {}  # new replicas not yet ready: actor id -> ping ref
         self._last_stats: dict[int, dict[str, float]] = {}
@@ -82,15 +78,9 @@ class Controller:
 
         return internal_kv
 
-    def _load_table(self) -> RoutingTable | None:
+    def _load(self) -> dict[str, Any] | None:
         raw = self._kv()._internal_kv_get(table_key(self.deployment))
-        if not raw:
-            return None
-        return RoutingTable.from_dict(json.loads(raw)["table"])
-
-    def _load_groups(self) -> dict[int, list[int]] | None:
-        raw = self._kv()._internal_kv_get(table_key(self.deployment))
-        return {int(g): a for g, a in json.loads(raw)["groups"].items()} if raw else None
+        return json.loads(raw) if raw else None
 
     def _persist(self) -> None:
         data = json.dumps({"table": self.desired.to_dict(), "groups": self.groups,
