@@ -33,3 +33,27 @@ class BackendUnavailableError(MoerayError):
 
 class RequestCancelledError(MoerayError):
     """The request was cancelled before it finished."""
+
+
+class DuplicateRequestError(RequestError):
+    """A request with this request_id is already in flight (on this gating actor, or on this front end)."""
+
+
+class ActorError(BackendUnavailableError):
+    """A call to an actor failed because of the actor, not the request. `actor` names it (role and id)."""
+
+    def __init__(self, message: str, actor: str = "") -> None:
+        super().__init__(message)
+        self.actor = actor
+
+
+class ActorGoneError(ActorError):
+    """The actor died. Ray may restart it, but a restarted actor has lost its in-memory state (requests, cache)."""
+
+
+class ActorTransientError(ActorError):
+    """The actor could not be reached for a moment (a network blip, a busy node): retry the same actor."""
+
+
+class ActorTimeoutError(ActorError, TimeoutError):
+    """The actor did not answer within the caller's timeout (it may still be working)."""
