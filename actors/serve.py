@@ -67,7 +67,8 @@ def load_options(args: argparse.Namespace) -> ServeOptions:
         if not isinstance(data, dict):
             raise ConfigError(f"{args.config}: expected a mapping at the top level")
     serving = {k: data.pop(k) for k in SERVING_KEYS if k in data}
-    engine = ServeConfig.build(**{**data, **({"model": args.model} if args.model else {})})
+    engine_flags = {"model": args.model or None, "dtype": getattr(args, "dtype", None)}
+    engine = ServeConfig.build(**{**data, **{k: v for k, v in engine_flags.items() if v is not None}})
     frontend = dict(serving.get("frontend") or {})
     overrides = {
         "auth_token_path": args.token_file,

@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="bring up moeray and serve gRPC until Ctrl-C or SIGTERM")
     serve.add_argument("--config", type=Path, help="YAML file: engine, frontend, host, port, ray_address")
     serve.add_argument("--model", help="model folder (config.json + safetensors); default: the embedded demo model")
+    serve.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="serving dtype (default auto: bfloat16 where the device computes it fast, else float32)")
     serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=_positive_int, help=f"gRPC port (default {DEFAULT_PORT}; 0 picks a free one)")
     serve.add_argument("--ray-address", help="join this Ray cluster (e.g. auto); default: start a local Ray")

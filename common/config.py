@@ -72,6 +72,9 @@ class ServeConfig(BaseModel):
     placement: Literal["round_robin", "blocks"] = "round_robin"
     device: Literal["cpu", "gpu", "npu"] = "cpu"
     allow_cpu_fallback: bool = False
+    # weights, KV cache and compute; auto: bfloat16 where the device computes it fast (GPU, NPU, CPUs with AMX or
+    # AVX512-BF16), float32 elsewhere, decided at start-up (moeray.models.dtypes). float32 is exact.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     expert_num_cpus: float = Field(0.25, ge=0)
     gating_num_cpus: float = Field(0.5, ge=0)
     num_gating_actors: int = Field(1, ge=1)

@@ -21,13 +21,15 @@ SMALL_ROWS = 3  # up to this many rows per expert, compute W @ x.t() (see the mo
 
 
 class ExpertGroup:
-    """SwiGLU experts for a set of slots. Weights: gate_up [2I, D] and down [D, I] per slot, fp32 compute."""
+    """SwiGLU experts for a set of slots. Weights: gate_up [2I, D] and down [D, I] per slot, held on `device`
+    in `dtype` (the compute dtype; float32 is exact against the reference)."""
 
     def __init__(self, hidden: int, inter: int, swiglu_limit: float | None = None,
-                 compute_dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
         self.hidden, self.inter = hidden, inter
         self.swiglu_limit = swiglu_limit
-        self.compute_dtype = compute_dtype
+        self.dtype = dtype
+        self.device = torch.device(device)
         # layer -> (expert id -> slot index, gate_up [S, 2I, D], down [S, D, I])
         self._layers: dict[int, tuple[dict[int, int], torch.Tensor, torch.Tensor]] = {}
         # layer -> expert id -> slot index as a tensor [max id + 1], -1 where not held (built on load, not per call)
@@ -42,7 +44,7 @@ class ExpertGroup:
             if gu.shape != (2 * self.inter, self.hidden) or dn.shape != (self.hidden, self.inter):
                 raise ValueError(f"layer {layer} expert {e}: expected gate_up {(2 * self.inter, self.hidden)} and "
                                  f"down {(self.hidden, self.inter)}, got {tuple(gu.shape)} and {tuple(dn.shape)}")
-            weights[e] = (gu.to(self.compute_dtype), dn.to(self.compute_dtype))
+            weights[e] = (gu.to(self.device, self.dtype), dn.to(self.device, self.dtype))
         self._set(layer, weights)
 
     def unload(self, layer: int, expert_ids: list[int]) -> None:
@@ -77,26 +79,35 @@ class ExpertGroup:
         gu = torch.stack([weights[e][0] for e in ids])
         dn = torch.stack([weights[e][1] for e in ids])
         self._layers[layer] = ({e: i for i, e in enumerate(ids)}, gu, dn)
-        table = torch.full((ids[-1] + 1,), -1, dtype=torch.long)
-        table[ids] = torch.arange(len(ids))
+        table = torch.full((ids[-1] + 1,), -1, dtype=torch.long, device=self.device)
+        table[ids] = torch.arange(len(ids), device=self.device)
         self._slot_tables[layer] = table
 
     # ---- compute -------------------------------------------------------------------------------------
     def forward(self, layer: int, x: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
-        """x [M, D]; pairs (pair_rows [P] into x, expert_ids [P], weights [P]) -> out [M, D] (fp32) with
-        out[m] = sum over pairs p with pair_rows[p] == m of weights[p] * expert_{expert_ids[p]}(x[m])."""
+                weights: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [M, D] (any dtype, any device); pairs (pair_rows [P] into x, expert_ids [P], weights [P]) -> out
+        [M, D] on x's device in `out_dtype` (default: x's dtype) with
+        out[m] = sum over pairs p with pair_rows[p] == m of weights[p] * expert_{expert_ids[p]}(x[m]).
+        Computed in the group's dtype on its device."""
         if layer not in self._layers:
             raise KeyError(f"layer {layer} has no experts loaded here (loaded layers: {sorted(self._layers)})")
+        out_dtype = out_dtype or x.dtype
+        out = self._forward(layer, x.to(self.device, self.dtype), pair_rows.to(self.device),
+                            expert_ids.to(self.device), weights.to(self.device))
+        return out.to(x.device, out_dtype)
+
+    def _forward(self, layer: int, xs: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+        """`forward` with every input on the group's device, xs in its dtype -> [M, D] in its dtype."""
         _, gu, dn = self._layers[layer]
-        xs = x.to(self.compute_dtype)
-        out = torch.zeros(x.shape[0], self.hidden, dtype=self.compute_dtype)
+        out = torch.zeros(xs.shape[0], self.hidden, dtype=self.dtype, device=self.device)
         if pair_rows.numel() == 0:
             return out
         slots = self._slot_index(layer, expert_ids)  # [P]
         order = torch.argsort(slots, stable=True)
         counts = torch.bincount(slots, minlength=gu.shape[0]).tolist()
-        rows_sorted, w_sorted = pair_rows[order], weights[order].to(self.compute_dtype)
+        rows_sorted, w_sorted = pair_rows[order], weights[order].to(self.dtype)
         start = 0
         for s, c in enumerate(counts):
             if c == 0:
