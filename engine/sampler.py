@@ -1,13 +1,36 @@
-"""Per-request sampling: greedy, temperature, top-k, top-p, seeded generators, log-probs.
+"""One vectorised sampler for the whole batch: penalties, logit bias, minimum length, a grammar's token mask,
+temperature, top-k, top-p, min-p, per-request seeds, log-probabilities with top-k alternatives.
 
-Legend: S = sequences sampled this step, V = vocab.
+A batch where every request is greedy and asks for nothing else takes the fast path: one argmax. Otherwise each
+step is a fixed number of batched tensor ops over [S, V]; the only per-row work is drawing the noise of seeded
+requests from their own generators (the draw depends only on (seed, position), so a seeded request gives the same
+tokens on every transport, after preemption and after a resume on another gating actor).
+
+Sampling is the exponential race: token = argmax(p / q), q ~ Exp(1) per token, which is a draw from p.
+Log-probabilities are those of the raw model distribution (vLLM's default `raw_logprobs`), before any penalty,
+mask or temperature.
+
+Legend: S = sequences sampled this step, V = vocab, R = rows that need a given step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
 import torch
 
+from moeray.common.sampling import TopLogprobs
 from moeray.engine.sequence import Sequence
+
+NEG_INF = float("-inf")
+
+
+@dataclass(slots=True)
+class SampleResult:
+    tokens: list[int]
+    logprobs: list[float | None]  # the sampled token's, where asked for
+    top_logprobs: list[TopLogprobs | None]  # the request's top_logprobs alternatives, where asked for
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -20,36 +43,140 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float | None]]:
-    """logits [S, V] (fp32, one row per sequence) -> (token ids, log-probs under the unmodified distribution
-    when the request asked for them)."""
-    tokens: list[int] = []
-    logprobs: list[float | None] = []
-    for row, seq in zip(logits, seqs, strict=True):
-        p = seq.params
-        if p.greedy:
-            tok = int(torch.argmax(row))
-        else:
-            if p.seed is not None:
-                # the draw depends only on (seed, position): the same on every transport, after preemption and
-                # after a resume on another gating actor
-                seq.generator.manual_seed((p.seed * 1_000_003 + seq.num_tokens) % (2**63))
-            tok = _sample_row(row, p.temperature, p.top_k, p.top_p, seq.generator)
-        tokens.append(tok)
-        logprobs.append(float(torch.log_softmax(row, -1)[tok]) if p.logprobs else None)
-    return tokens, logprobs
+def sample(logits: torch.Tensor, seqs: list[Sequence], allowed: torch.Tensor | None = None,
+           eos_token_ids: Seq[int] = ()) -> SampleResult:
+    """logits [S, V] (one row per sequence) -> one token per sequence.
+
+    allowed: optional bool [S, V], False where a grammar forbids the token (rows without a grammar all True).
+    eos_token_ids: what min_tokens holds back, beside each request's stop_token_ids.
+    """
+    params = [s.params for s in seqs]
+    S = len(seqs)
+    if allowed is None and all(p.greedy and p.plain and not p.logprobs and not p.top_logprobs for p in params):
+        tokens = logits.argmax(-1).tolist()  # the fast path: greedy, nothing else asked for
+        return SampleResult(tokens, [None] * S, [None] * S)
+    raw = logits.float()
+    x = _processed(raw, seqs, allowed, eos_token_ids)
+    tokens_t = x.argmax(-1)
+    rand = [i for i, p in enumerate(params) if not p.greedy]
+    if rand:
+        tokens_t[rand] = _draw(x[rand], [seqs[i] for i in rand])
+    tokens = tokens_t.tolist()
+    logprobs, top = _logprobs(raw, params, tokens)
+    return SampleResult(tokens, logprobs, top)
 
 
-def _sample_row(row: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:
-    scaled = row / temperature  # [V]
-    if top_k and top_k < scaled.numel():
-        kth = torch.topk(scaled, top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, -1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, -1)
-        drop = (cum - sorted_p) >= top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=gen))
+def _processed(raw: torch.Tensor, seqs: list[Sequence], allowed: torch.Tensor | None,
+               eos_token_ids: Seq[int]) -> torch.Tensor:
+    """Penalties, logit bias, min_tokens and the grammar mask applied to a copy of the logits."""
+    params = [s.params for s in seqs]
+    if allowed is None and all(p.plain for p in params):
+        return raw
+    x = raw.clone()
+    V = x.shape[1]
+    pen = [i for i, p in enumerate(params)
+           if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0]
+    if pen:
+        _apply_penalties(x, pen, seqs, V)
+    rows, cols, vals = [], [], []
+    for i, p in enumerate(params):
+        for tok, bias in p.logit_bias.items():
+            if tok < V:
+                rows.append(i)
+                cols.append(tok)
+                vals.append(float(bias))
+    if rows:
+        x.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(vals, dtype=x.dtype), accumulate=True)
+    rows, cols = [], []
+    for i, (s, p) in enumerate(zip(seqs, params, strict=True)):
+        if len(s.output_ids) < p.min_tokens:
+            banned = {*p.stop_token_ids, *(() if p.ignore_eos else eos_token_ids)}
+            rows.extend([i] * len(banned))
+            cols.extend(banned)
+    if rows:
+        x[torch.tensor(rows), torch.tensor(cols)] = NEG_INF
+    if allowed is not None:
+        x.masked_fill_(~allowed[:, :V], NEG_INF)
+    return x
+
+
+def _apply_penalties(x: torch.Tensor, pen: list[int], seqs: list[Sequence], V: int) -> None:
+    """vLLM's order: repetition (prompt and output tokens), then frequency and presence (output tokens)."""
+    R = len(pen)
+    out_counts = _counts([seqs[i].output_ids for i in pen], V)  # [R, V]
+    sub = x[pen]
+    rep = torch.tensor([seqs[i].params.repetition_penalty for i in pen], dtype=x.dtype)
+    if (rep != 1.0).any():
+        seen = _counts([seqs[i].prompt_ids for i in pen], V).gt(0) | out_counts.gt(0)
+        r = rep[:, None].expand(R, V)
+        sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
+    freq = torch.tensor([seqs[i].params.frequency_penalty for i in pen], dtype=x.dtype)
+    pres = torch.tensor([seqs[i].params.presence_penalty for i in pen], dtype=x.dtype)
+    sub = sub - freq[:, None] * out_counts - pres[:, None] * out_counts.gt(0).to(x.dtype)
+    x[pen] = sub
+
+
+def _counts(id_lists: list[list[int]], V: int) -> torch.Tensor:
+    """[R, V] float counts of each id in each list (one scatter over the padded lists)."""
+    width = max((len(ids) for ids in id_lists), default=0)
+    counts = torch.zeros(len(id_lists), V + 1)
+    if width:
+        padded = torch.full((len(id_lists), width), V, dtype=torch.long)
+        for r, ids in enumerate(id_lists):
+            if ids:
+                padded[r, :len(ids)] = torch.tensor(ids, dtype=torch.long).clamp_(max=V)
+        counts.scatter_add_(1, padded, torch.ones(padded.shape))
+    return counts[:, :V]
+
+
+def _draw(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """x [R, V] processed logits of the sampled rows -> [R] tokens, after temperature, top-k, top-p, min-p."""
+    params = [s.params for s in seqs]
+    R, V = x.shape
+    temp = torch.tensor([p.temperature for p in params], dtype=x.dtype)
+    y = x / temp[:, None]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params])
+    top_p = torch.tensor([p.top_p for p in params], dtype=x.dtype)
+    if (top_k < V).any() or (top_p < 1.0).any():
+        vals, order = y.sort(-1, descending=True)
+        vals.masked_fill_(torch.arange(V)[None, :] >= top_k[:, None], NEG_INF)
+        if (top_p < 1.0).any():
+            probs = vals.softmax(-1)
+            before = probs.cumsum(-1) - probs  # mass of the more likely tokens: keep the smallest prefix reaching top_p
+            vals.masked_fill_(before >= top_p[:, None], NEG_INF)
+        y = torch.empty_like(y).scatter_(1, order, vals)
+    probs = y.softmax(-1)
+    min_p = torch.tensor([p.min_p for p in params], dtype=x.dtype)
+    if (min_p > 0).any():
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
+    q = torch.empty(R, V, dtype=x.dtype)
+    unseeded = [r for r, p in enumerate(params) if p.seed is None]
+    if unseeded:
+        q[unseeded] = torch.empty(len(unseeded), V, dtype=x.dtype).exponential_()
+    for r, (s, p) in enumerate(zip(seqs, params, strict=True)):
+        if p.seed is not None:
+            g = s.generator if s.generator is not None else torch.Generator()
+            g.manual_seed((p.seed * 1_000_003 + s.num_tokens) % (2**63))
+            q[r].exponential_(generator=g)
+    return (probs.nan_to_num_(0.0) / q).argmax(-1)
+
+
+def _logprobs(raw: torch.Tensor, params, tokens: list[int]) -> tuple[list[float | None], list[TopLogprobs | None]]:
+    S = len(tokens)
+    want = [i for i, p in enumerate(params) if p.logprobs or p.top_logprobs]
+    logprobs: list[float | None] = [None] * S
+    top: list[TopLogprobs | None] = [None] * S
+    if not want:
+        return logprobs, top
+    lp = raw[want].log_softmax(-1)  # [R, V]
+    sampled = lp.gather(1, torch.tensor([tokens[i] for i in want])[:, None])[:, 0].tolist()
+    k = max(params[i].top_logprobs for i in want)
+    if k:
+        values, ids = lp.topk(min(k, lp.shape[1]), -1)
+        values, ids = values.tolist(), ids.tolist()
+    for r, i in enumerate(want):
+        logprobs[i] = sampled[r]
+        n = params[i].top_logprobs
+        if n:
+            top[i] = list(zip(ids[r][:n], values[r][:n], strict=True))
+    return logprobs, top
