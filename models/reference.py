@@ -14,10 +14,10 @@ from typing import Literal
 import torch
 
 from moeray.experts.group import ExpertGroup
-from moeray.models.checkpoint import Checkpoint, load_dense, load_expert_weights
+from moeray.models.checkpoint import Checkpoint, load_dense, load_experts_into, new_expert_group
 from moeray.models.config import ModelConfig
 from moeray.models.dense import ContiguousCache, SeqChunk
-from moeray.models.registry import build_dense_model, expert_group_kwargs
+from moeray.models.registry import build_dense_model
 
 
 def split_slots(cfg: ModelConfig, num_groups: int, how: Literal["round_robin", "blocks"] = "round_robin"
@@ -51,17 +51,18 @@ class ReferenceModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, num_expert_groups: int = 1,
-                        placement: Literal["round_robin", "blocks"] = "round_robin") -> ReferenceModel:
-        """Load a Hugging Face folder (config.json + safetensors); experts split into `num_expert_groups`."""
+                        placement: Literal["round_robin", "blocks"] = "round_robin",
+                        expert_quant: str = "none") -> ReferenceModel:
+        """Load a Hugging Face folder (config.json + safetensors); experts split into `num_expert_groups`.
+        Quantized experts stay packed; `expert_quant` quantizes a bf16/fp32 checkpoint's experts on load."""
         cfg = ModelConfig.from_pretrained(path)
-        ckpt = Checkpoint(path)
+        ckpt = Checkpoint(path, expert_quant)
         dense = build_dense_model(cfg)
         load_dense(dense, cfg, ckpt)
         groups = []
         for slots in split_slots(cfg, num_expert_groups, placement):
-            g = ExpertGroup(**expert_group_kwargs(cfg))
-            for layer, experts in load_expert_weights(cfg, ckpt, slots).items():
-                g.load(layer, experts)
+            g = new_expert_group(cfg, ckpt)
+            load_experts_into(g, cfg, ckpt, slots)
             groups.append(g)
         return cls(cfg, dense, groups)
 

@@ -1,0 +1,206 @@
+"""Routed experts held packed (FP8 blocks, MXFP4, int8 rows) and computed from the packed weights.
+
+`PackedExpertGroup` has ExpertGroup's interface (load / unload / slots / loaded / nbytes / forward) but holds
+each expert as published: w1 (gate) [I, D], w3 (up) [I, D], w2 (down) [D, I] codes plus their scales, so an
+expert actor's bytes are the checkpoint's bytes. The compute, per expert hit:
+
+- `fp8`, `mxfp4`: dequantize the weight tile by tile (TILE_ELEMS elements: ~4 MB in fp32, so a tile stays in
+  cache between its decode and its GEMM) into a reused buffer in the compute dtype, and run the GEMM of the
+  expert's rows on each tile — a per-block dequantize inside the GEMM, in torch. The decode of a tile is exact
+  (fp8 / e2m1 code x scale in float32), so in float32 the result equals the dequantized model's up to the
+  GEMM's summation order.
+- `int8`: torch's weight-only int8 kernel (`torch._weight_int8pack_mm`, per-row scales) — no decode at all.
+
+No fused FP8/FP4 CPU GEMM exists in torch (its CPU `_scaled_mm` quantizes the activations too, which the
+1e-4 protocol forbids), torchao's MX kernels target CUDA, and kt-kernel ships its own AMX build of a whole MoE
+layer; see the README ("Serving DeepSeek from the hub files") for the choice and its measured cost.
+
+Legend: M = rows sent, P = (row, expert) pairs, D = hidden, I = expert intermediate, c = rows of one expert.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeray.experts.group import SMALL_ROWS
+from moeray.experts.quant_formats import MX_GROUP, e2m1_lut, scale_to_float
+
+FORMATS = ("fp8", "mxfp4", "int8")
+TILE_ELEMS = 1 << 20  # weight elements decoded per tile
+
+
+@dataclass(slots=True)
+class PackedWeight:
+    """One [O, I] projection as stored: codes (fp8 [O, I] | int8 [O, I/2] packed e2m1 | int8 [O, I]) + scale
+    (fp8: [ceil(O/bo), ceil(I/bi)] float32 or e8m0; mxfp4: e8m0 [O, I/32]; int8: float32 [O])."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes
+
+    def to(self, device: torch.device) -> PackedWeight:
+        return PackedWeight(self.codes.to(device), self.scale.to(device))
+
+
+@dataclass(slots=True)
+class PackedExpert:
+    """One routed expert: gate w1 [I, D], up w3 [I, D], down w2 [D, I], each packed."""
+
+    w1: PackedWeight
+    w3: PackedWeight
+    w2: PackedWeight
+
+    @property
+    def nbytes(self) -> int:
+        return self.w1.nbytes + self.w3.nbytes + self.w2.nbytes
+
+
+class PackedExpertGroup:
+    """SwiGLU experts for a set of slots, held packed in `fmt` ("fp8" with `block` = (bo, bi), "mxfp4", "int8")
+    on `device`, computed in `dtype`."""
+
+    def __init__(self, hidden: int, inter: int, swiglu_limit: float | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+                 fmt: str, block: tuple[int, int] | None = None) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"packed expert format {fmt!r} is not one of {FORMATS}")
+        if fmt == "fp8" and block is None:
+            raise ValueError("fp8 experts need the checkpoint's weight_block_size")
+        self.hidden, self.inter, self.swiglu_limit = hidden, inter, swiglu_limit
+        self.dtype, self.device, self.fmt, self.block = dtype, torch.device(device), fmt, block
+        self._layers: dict[int, dict[int, PackedExpert]] = {}
+        self._lut = e2m1_lut(dtype).to(self.device)
+        self._local = threading.local()  # per-thread decode buffers (local transports may call from threads)
+
+    # ---- slots ---------------------------------------------------------------------------------------
+    def load(self, layer: int, experts: dict[int, PackedExpert]) -> None:
+        """Add slots: expert id -> PackedExpert. Replaces a slot already loaded."""
+        d, i = self.hidden, self.inter
+        for e, ex in experts.items():
+            for name, w, shape in (("w1", ex.w1, (i, d)), ("w3", ex.w3, (i, d)), ("w2", ex.w2, (d, i))):
+                if tuple(w.codes.shape) != self._codes_shape(shape):
+                    raise ValueError(f"layer {layer} expert {e} {name}: packed {self.fmt} codes of shape "
+                                     f"{tuple(w.codes.shape)}, expected {self._codes_shape(shape)}")
+        held = self._layers.setdefault(layer, {})
+        held.update({e: PackedExpert(ex.w1.to(self.device), ex.w3.to(self.device), ex.w2.to(self.device))
+                     for e, ex in experts.items()})
+
+    def unload(self, layer: int, expert_ids: list[int]) -> None:
+        """Drop slots (for rebalancing and draining). Unknown ids raise KeyError naming them."""
+        cur = self._layers.get(layer, {})
+        missing = [e for e in expert_ids if e not in cur]
+        if missing:
+            raise KeyError(f"layer {layer}: experts {missing} are not loaded here (loaded: {sorted(cur)})")
+        for e in expert_ids:
+            del cur[e]
+        if not cur:
+            self._layers.pop(layer, None)
+
+    def slots(self, layer: int) -> dict[int, int]:
+        return {e: s for s, e in enumerate(sorted(self._layers.get(layer, {})))}
+
+    def loaded(self) -> dict[int, list[int]]:
+        return {layer: sorted(m) for layer, m in self._layers.items() if m}
+
+    def nbytes(self) -> int:
+        """Bytes held: the packed codes and scales of every slot (decode buffers are transient, not counted)."""
+        return sum(ex.nbytes for m in self._layers.values() for ex in m.values())
+
+    def packed(self, layer: int, expert: int) -> PackedExpert:
+        """The packed weights of one slot (what a move to another actor would carry)."""
+        return self._layers[layer][expert]
+
+    def _codes_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        return (shape[0], shape[1] // 2) if self.fmt == "mxfp4" else shape
+
+    # ---- compute -------------------------------------------------------------------------------------
+    def forward(self, layer: int, x: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
+                weights: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [M, D]; pairs (pair_rows [P], expert_ids [P], weights [P]) -> out [M, D] in `out_dtype` (default
+        x's) on x's device: out[m] = sum over pairs p with pair_rows[p] == m of weights[p] * expert(x[m])."""
+        held = self._layers.get(layer)
+        if not held:
+            raise KeyError(f"layer {layer} has no experts loaded here (loaded layers: {sorted(self._layers)})")
+        xs = x.to(self.device, self.dtype)
+        out = torch.zeros(xs.shape[0], self.hidden, dtype=self.dtype, device=self.device)
+        if pair_rows.numel() == 0:
+            return out.to(x.device, out_dtype or x.dtype)
+        ids = expert_ids.to(self.device)
+        missing = sorted(set(torch.unique(ids).tolist()) - set(held))
+        if missing:
+            raise KeyError(f"layer {layer}: experts {missing} are not loaded here (loaded: {sorted(held)})")
+        order = torch.argsort(ids, stable=True)
+        uniq, counts = torch.unique_consecutive(ids[order], return_counts=True)
+        rows_sorted = pair_rows.to(self.device)[order]
+        w_sorted = weights.to(self.device, self.dtype)[order]
+        start = 0
+        for e, c in zip(uniq.tolist(), counts.tolist()):
+            rows = rows_sorted[start:start + c]
+            y = self._expert(xs.index_select(0, rows), held[e])  # [c, D]
+            out.index_add_(0, rows, y.mul_(w_sorted[start:start + c, None]))
+            start += c
+        return out.to(x.device, out_dtype or x.dtype)
+
+    def _expert(self, xs: torch.Tensor, ex: PackedExpert) -> torch.Tensor:
+        """xs [c, D] -> [c, D]: clamped SwiGLU with every GEMM computed from packed weights."""
+        gate, up = self._linear(xs, ex.w1), self._linear(xs, ex.w3)  # [c, I] each
+        if self.swiglu_limit is not None:
+            gate = gate.clamp(max=self.swiglu_limit)
+            up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        return self._linear(F.silu(gate).mul_(up), ex.w2)
+
+    def _linear(self, xs: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+        """xs [c, K] @ W.t() for a packed W [N, K] -> [c, N]."""
+        if self.fmt == "int8":
+            return torch._weight_int8pack_mm(xs.contiguous(), w.codes, w.scale.to(self.dtype))
+        n, k = w.codes.shape[0], xs.shape[1]
+        out = torch.empty(xs.shape[0], n, dtype=self.dtype, device=self.device)
+        rows_per_tile = self._tile_rows(n, k)
+        buf = self._buffer(rows_per_tile * k)
+        for r0 in range(0, n, rows_per_tile):
+            r1 = min(n, r0 + rows_per_tile)
+            tile = buf[:(r1 - r0) * k].view(r1 - r0, k)
+            self._decode(w, r0, r1, tile)
+            # few rows: W @ x.t() is MKL's fast form (as in ExpertGroup); many rows: x @ W.t()
+            out[:, r0:r1] = torch.mm(tile, xs.t()).t() if xs.shape[0] <= SMALL_ROWS else torch.mm(xs, tile.t())
+        return out
+
+    def _tile_rows(self, n: int, k: int) -> int:
+        rows = max(1, TILE_ELEMS // k)
+        if self.fmt == "fp8":  # whole scale blocks per tile
+            bo = self.block[0]
+            rows = max(bo, rows // bo * bo)
+        return min(n, rows)
+
+    def _buffer(self, numel: int) -> torch.Tensor:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+            self._local.buf = buf
+        return buf
+
+    def _decode(self, w: PackedWeight, r0: int, r1: int, tile: torch.Tensor) -> None:
+        """Rows r0:r1 of W, dequantized into tile [r1 - r0, K] (exact: code x scale in float32, then dtype)."""
+        k = tile.shape[1]
+        if self.fmt == "mxfp4":
+            idx = w.codes[r0:r1].reshape(-1).view(torch.uint8).to(torch.int32)
+            vals = self._lut.index_select(0, idx).view(r1 - r0, k // MX_GROUP, MX_GROUP)
+            s = scale_to_float(w.scale[r0:r1]).to(self.dtype)
+            torch.mul(vals, s[:, :, None], out=tile.view(r1 - r0, k // MX_GROUP, MX_GROUP))
+            return
+        bo, bi = self.block
+        s = scale_to_float(w.scale[r0 // bo: -(-r1 // bo)])  # [tile blocks, ceil(K/bi)]
+        s = s.repeat_interleave(bo, 0)[:r1 - r0].to(self.dtype)  # [rows, ceil(K/bi)]
+        tile.copy_(w.codes[r0:r1])
+        full = k // bi
+        if full:
+            tile[:, :full * bi].unflatten(1, (full, bi)).mul_(s[:, :full, None])
+        if full * bi < k:
+            tile[:, full * bi:].mul_(s[:, full:full + 1])
