@@ -139,7 +139,8 @@ class Checkpoint:
         file, stored = entry
         return self._handle(file).get_tensor(stored)
 
-    def stored_dtype(self, name: str) -> torch.dtype:
+    def stored_dtype(self, name: str) -> str:
+        """The safetensors dtype of `name` as stored ("F8_E4M3", "I8", "BF16", ...)."""
         file, stored = self._file_of[name]
         return self._handle(file).get_slice(stored).get_dtype()
 
@@ -165,9 +166,9 @@ class Checkpoint:
         checked against the weight's and the block size (CheckpointError naming the scale tensor)."""
         dt = self.stored_dtype(name)
         scale_name = name + _SCALE_SUFFIX
-        if dt not in (torch.float8_e4m3fn, torch.int8):
+        if dt not in ("F8_E4M3", "I8"):
             return None
-        if dt == torch.int8 and scale_name not in self._file_of:
+        if dt == "I8" and scale_name not in self._file_of:
             return None  # a genuine int8 tensor (no published format stores int8 without a scale)
         if self.quant.method is None:
             raise ConfigError(f"tensor {name!r} is stored as {dt} but config.json has no quantization_config: "
@@ -175,7 +176,7 @@ class Checkpoint:
         if scale_name not in self._file_of:
             raise CheckpointError(f"tensor {name!r} is stored as {dt} but its scale {scale_name!r} is missing")
         codes, scale = self.raw(name), self.raw(scale_name)
-        fmt = "fp8" if dt == torch.float8_e4m3fn else "mxfp4"
+        fmt = "fp8" if dt == "F8_E4M3" else "mxfp4"
         if codes.dim() != 2:
             raise CheckpointError(f"tensor {name!r}: quantized tensors must be 2-D, got shape {tuple(codes.shape)}")
         check_scale(scale_name, scale, expected_scale_shape(fmt, tuple(codes.shape), self.quant.block))
@@ -340,7 +341,7 @@ def _fused_slice(ckpt: Checkpoint, name: str, e: int, shape: tuple[int, ...], dt
     sl = ckpt._handle(file).get_slice(stored)
     if tuple(sl.get_shape()) != shape:
         raise CheckpointError(f"tensor {name!r} has shape {tuple(sl.get_shape())}, expected {shape}")
-    if sl.get_dtype() == torch.float8_e4m3fn:
+    if sl.get_dtype() in ("F8_E4M3", "I8"):
         raise CheckpointError(f"tensor {name!r}: FP8 experts in transformers' fused 3-D layout are not supported; "
                               "use per-expert tensors")
     return sl[e].to(dtype)

@@ -66,7 +66,7 @@ def quantize_v3(src: Path, out: Path, block: tuple[int, int], oracle: Path | Non
         n = config["num_hidden_layers"]
         for name in list(q):
             if name.startswith(f"model.layers.{n - 1}."):
-                q[name.replace(f"layers.{n - 1}.", f"layers.{n}.")] = q[name]
+                q[name.replace(f"layers.{n - 1}.", f"layers.{n}.")] = q[name].clone()
     qconfig = dict(config, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                                 "weight_block_size": list(block)})
     if oracle is not None:
