@@ -32,9 +32,12 @@ LOST = "lost"  # poll's answer for a request this actor does not know: resubmit 
 
 
 def engine_config(cfg: ServeConfig) -> EngineConfig:
+    from moeray.engine.paged_cache import cache_dtype
+
     return EngineConfig(block_size=cfg.block_size, num_blocks=cfg.kv_cache_blocks,
                         max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-                        micro_batches=cfg.micro_batches)
+                        micro_batches=cfg.micro_batches, kv_cache_bytes=cfg.kv_cache_bytes,
+                        kv_cache_dtype=cache_dtype(cfg.kv_cache_dtype), prefix_caching=cfg.prefix_caching)
 
 
 def load_tokenizer(model_path: str):

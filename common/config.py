@@ -83,6 +83,11 @@ class ServeConfig(BaseModel):
     micro_batches: int = Field(1, ge=1, le=8)
     block_size: int = Field(16, ge=1)
     kv_cache_blocks: int = Field(1024, ge=1)
+    # the whole KV cache of one gating actor in bytes, all pools and prefill chunks included; replaces
+    # kv_cache_blocks when set
+    kv_cache_bytes: int | None = Field(None, ge=1)
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "fp8_e4m3"] = "auto"  # auto = the serving dtype
+    prefix_caching: bool = True  # full blocks stay in the gating actor's cache after their request
     max_num_batched_tokens: int = Field(512, ge=1)
     max_num_seqs: int = Field(64, ge=1)
     max_restarts: int = Field(3, ge=-1)

@@ -16,7 +16,7 @@ import torch
 
 from moeray.common.errors import RequestError
 from moeray.common.sampling import RequestOutput, SamplingParams, StepDelta
-from moeray.engine.block_manager import BlockManager
+from moeray.engine.block_manager import BlockManager, build_kv_cache
 from moeray.engine.paged_cache import PagedKVCache
 from moeray.engine.prefix import PrefixCache
 from moeray.engine.runner import ModelRunner
@@ -33,6 +33,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     micro_batches: int = 1
+    kv_cache_bytes: int | None = None  # all cache pools together; replaces num_blocks when set
+    kv_cache_dtype: torch.dtype | None = None  # storage (None: the model's dtype); reads give the model's dtype
+    prefix_caching: bool = True  # full blocks stay cached after their request (engine/block_manager.py)
 
     def __post_init__(self) -> None:
         assert self.block_size > 0 and self.num_blocks > 0 and self.max_num_batched_tokens > 0
@@ -57,7 +60,7 @@ def validate_request(cfg, config: EngineConfig, prompt_ids: list[int], params: S
             f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
             f"context of {cfg.max_position_embeddings} tokens: shorten the prompt or lower max_tokens")
     need = -(-total // config.block_size)
-    if need > config.num_blocks:
+    if config.kv_cache_bytes is None and need > config.num_blocks:
         raise RequestTooLargeError(
             f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV blocks of "
             f"{config.block_size} tokens but the cache has {config.num_blocks}: lower max_tokens or raise "
@@ -68,8 +71,9 @@ class Engine:
     def __init__(self, dense: torch.nn.Module, transport: ExpertTransport, config: EngineConfig,
                  decode: Callable[[list[int]], str] | None = None, prefix: PrefixCache | None = None) -> None:
         self.dense, self.cfg, self.config = dense, dense.cfg, config
-        self.blocks = BlockManager(config.num_blocks, config.block_size)
-        self.cache = PagedKVCache(dense.cache_spec(), config.num_blocks, config.block_size)
+        self.cache: PagedKVCache
+        self.blocks: BlockManager
+        self.cache, self.blocks = build_kv_cache(dense.cache_spec(), config, prefix, next(dense.parameters()).dtype)
         self.prefix = prefix
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs,
                                    prefix_lookup=prefix.lookup if prefix is not None else None)
@@ -84,6 +88,8 @@ class Engine:
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestError (naming the problem) if the request can never be served."""
         validate_request(self.cfg, self.config, prompt_ids, params)
+        self.blocks.check_fits(len(prompt_ids) + params.max_tokens,
+                               f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens})")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     output_ids: list[int] | None = None) -> None:
@@ -146,6 +152,7 @@ class Engine:
         if self.prefix is not None:
             for c in chunks:
                 self.prefix.write_through(self.cache, c.seq)
+        self.scheduler.after_step(chunks)
         tokens, logprobs = sample(logits, [c.seq for c in sampling]) if sampling else ([], [])
         deltas = []
         for c, tok, lp in zip(sampling, tokens, logprobs, strict=True):
@@ -204,7 +211,8 @@ class Engine:
 
     def running_status(self) -> dict[str, int]:
         st = {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-              "free_blocks": self.blocks.num_free, "preemptions": self.scheduler.num_preemptions, **self.stats}
+              "free_blocks": self.blocks.num_free, "preemptions": self.scheduler.num_preemptions, **self.stats,
+              "kv_pools": self.blocks.usage(), "prefix_cache": self.blocks.cache_stats()}
         if self.prefix is not None:
             st["kv_store"] = {f: getattr(self.prefix.stats, f) for f in self.prefix.stats.__slots__}
         return st

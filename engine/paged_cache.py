@@ -1,100 +1,232 @@
-"""The paged KV cache: one pool per (layer, cached tensor), indexed through each sequence's block table.
+"""The paged KV cache: one pool per cached tensor kind, each with its own row rate and page size.
 
-Pool shape per tensor: [num_blocks * R, *row_shape] with R = rows per block (B // tokens_per_row). Row r
-of a sequence lives at pool row `block_table[r // R] * R + r % R`. Attention modules see a `LayerCache`
-(`write` / `read`), so the same model code runs over this cache and over the reference's contiguous one.
-Windowed tensors keep every block (dropping blocks outside the window is a later memory optimisation).
+A pool groups the cached tensors (of every layer) that share `tokens_per_row` and `window`:
+
+    full/1      K/V, MLA latents                       page = block_size tokens, every page kept
+    full/m      V4 compressed and indexer rows (1/m)   page = block_size tokens = block_size / m rows
+    window/W    V4 sliding-window K=V, GQA windows     small pages; pages a future query cannot read are freed
+    window/2m   V4 compressor inputs of the open window
+
+A sequence holds one page table per pool (`SeqBlocks.tables`, -1 where a window page was dropped). Row r of
+a tensor in pool P lives at storage row `table[P][r // rpp] * rpp + r % rpp` (rpp = rows per page). Storage is
+in the cache dtype (float32 / bfloat16 / fp8_e4m3, the latter held as raw bytes); reads return the compute
+dtype, so the `none` codec sees exactly what is stored. Attention modules see a `LayerCache` (`write` /
+`read`), so the same model code runs over this cache and over the reference's contiguous one.
+
+Legend: B = block_size, P = pool, rpp = rows per page, S = sequences, L = longest context.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from moeray.kvstore.spec import ModelCacheSpec
+from moeray.kvstore.spec import CacheTensorSpec, ModelCacheSpec
+
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def cache_dtype(name: str) -> torch.dtype | None:
+    """ServeConfig.kv_cache_dtype -> the storage dtype; None for `auto` (the model's serving dtype)."""
+    if name == "auto":
+        return None
+    if name not in CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype {name!r} is not one of auto, {', '.join(CACHE_DTYPES)}")
+    return CACHE_DTYPES[name]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """The tensors (layer_id, spec) that share a row rate and a window, paged by `page_tokens` tokens."""
+
+    tokens_per_row: int
+    window: int  # 0: every row is kept; else only rows a future query can read
+    page_tokens: int
+    tensors: tuple[tuple[int, CacheTensorSpec], ...]
+
+    def __post_init__(self) -> None:
+        assert self.page_tokens % self.tokens_per_row == 0, self
+
+    @property
+    def name(self) -> str:
+        return f"window/{self.window}" if self.window else f"full/{self.tokens_per_row}"
+
+    @property
+    def rows_per_page(self) -> int:
+        return self.page_tokens // self.tokens_per_row
+
+    def page_bytes(self, itemsize: int) -> int:
+        return self.rows_per_page * sum(t.row_numel() for _, t in self.tensors) * itemsize
+
+    def bytes_per_token(self, itemsize: int) -> float:
+        return self.page_bytes(itemsize) / self.page_tokens
+
+    def keep_from(self, next_pos: int) -> int:
+        """The first token position a query at `next_pos` or later can read (0 for full pools)."""
+        return max(0, next_pos - self.window + 1) if self.window else 0
+
+
+def window_page_tokens(block_size: int, window: int, tokens_per_row: int) -> int:
+    """Pages of about window / 16 tokens (>= one row, dividing the block): a window holds at most one partial
+    page beyond what a query reads, and a block boundary is always a page boundary."""
+    target = max(tokens_per_row, window // 16)
+    return max(d for d in range(tokens_per_row, block_size + 1, tokens_per_row)
+               if block_size % d == 0 and d <= target)
+
+
+def plan_pools(spec: ModelCacheSpec, block_size: int) -> tuple[PoolSpec, ...]:
+    """Group every layer's cached tensors into pools by (tokens_per_row, window), full pools first."""
+    spec.check_block_size(block_size)
+    groups: dict[tuple[int, int], list[tuple[int, CacheTensorSpec]]] = {}
+    for layer_id, layer in enumerate(spec.layers):
+        for t in layer.tensors:
+            groups.setdefault((t.tokens_per_row, t.window), []).append((layer_id, t))
+    pools = []
+    for (tpr, window), tensors in sorted(groups.items(), key=lambda kv: (kv[0][1] > 0, kv[0])):
+        page = window_page_tokens(block_size, window, tpr) if window else block_size
+        pools.append(PoolSpec(tpr, window, page, tuple(tensors)))
+    return tuple(pools)
+
+
+@dataclass(slots=True)
+class SeqBlocks:
+    """One sequence's pages: a table per pool (-1 = a dropped window page) and its block keys so far."""
+
+    tables: list[list[int]]
+    keys: list[bytes] = field(default_factory=list)
+    num_committed: int = 0  # leading full blocks registered with the local prefix cache
+    store_from: int = 0  # blocks before this came from the local cache (not re-written to the KV store)
+
+    def num_held(self, pool_id: int) -> int:
+        return sum(1 for p in self.tables[pool_id] if p >= 0)
 
 
 class PagedKVCache:
-    def __init__(self, spec: ModelCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32):
-        spec.check_block_size(block_size)
-        self.spec, self.num_blocks, self.block_size = spec, num_blocks, block_size
+    def __init__(self, spec: ModelCacheSpec, pools: tuple[PoolSpec, ...], num_pages: list[int], block_size: int,
+                 dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32) -> None:
+        self.spec, self.pools, self.num_pages, self.block_size = spec, pools, list(num_pages), block_size
+        self.dtype, self.compute_dtype = dtype, compute_dtype
+        self._raw = dtype.itemsize == 1  # fp8: stored as bytes (CPU index ops have no fp8 kernels)
         self.batched_decode_calls = 0
-        self.pools: list[dict[str, torch.Tensor]] = []
-        self.rows_per_block: list[dict[str, int]] = []
-        for layer in spec.layers:
-            pools, rpb = {}, {}
-            for t in layer.tensors:
-                r = t.rows_per_block(block_size)
-                pools[t.name] = torch.zeros((num_blocks * r, *t.row_shape), dtype=dtype)
-                rpb[t.name] = r
-            self.pools.append(pools)
-            self.rows_per_block.append(rpb)
+        self.storage: list[dict[str, torch.Tensor]] = [{} for _ in spec.layers]  # layer -> name -> rows
+        self.pool_of: list[dict[str, int]] = [{} for _ in spec.layers]
+        for pid, (pool, n) in enumerate(zip(pools, num_pages, strict=True)):
+            for layer_id, t in pool.tensors:
+                rows = (n * pool.rows_per_page, *t.row_shape)
+                self.storage[layer_id][t.name] = torch.zeros(rows, dtype=torch.uint8 if self._raw else dtype)
+                self.pool_of[layer_id][t.name] = pid
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
 
     def nbytes(self) -> int:
-        return sum(p.nbytes for layer in self.pools for p in layer.values())
+        return sum(p.nbytes for layer in self.storage for p in layer.values())
 
-    def view(self, block_table: list[int]) -> SeqCacheView:
-        return SeqCacheView(self, block_table)
+    def view(self, blocks: SeqBlocks) -> SeqCacheView:
+        return SeqCacheView(self, blocks)
+
+    # ---- storage dtype -------------------------------------------------------------------------------
+    def _to_store(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(self.dtype)
+        return rows.view(torch.uint8) if self._raw else rows
+
+    def _from_store(self, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self._raw:
+            rows = rows.view(self.dtype)
+        return rows.to(dtype or self.compute_dtype)
+
+    def index(self, table: torch.Tensor, pool: PoolSpec, start_row: int, end_row: int) -> torch.Tensor:
+        """Storage rows of a sequence's rows [start_row, end_row) in `pool` ([n] long)."""
+        rpp = pool.rows_per_page
+        r = torch.arange(start_row, end_row)
+        if end_row > table.numel() * rpp:
+            raise AssertionError(f"{pool.name} row {end_row - 1} beyond the {table.numel()} allocated pages")
+        pages = table[r // rpp]
+        if end_row > start_row and int(pages.min()) < 0:
+            raise AssertionError(f"{pool.name} rows {start_row}..{end_row - 1} reach a dropped window page")
+        return pages * rpp + r % rpp
 
     # ---- batched decode (one new token per sequence) -----------------------------------------------------
     def decode_write_gather(self, layer_id: int, views: list[SeqCacheView], positions: torch.Tensor,
                             rows: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Write one new row per sequence and gather every sequence's rows 0..pos, padded (mutates the pools).
 
-        positions [S] (the new tokens' positions); rows: name -> [S, *row_shape] (tokens_per_row 1 tensors)
-        -> (name -> [S, L, *row_shape], valid [S, L] bool), L = the longest sequence; padding reads a valid row
-        and is masked out by `valid`.
+        positions [S] (the new tokens' positions); rows: name -> [S, *row_shape] (tensors of one full pool with
+        one row per token) -> (name -> [S, L, *row_shape], valid [S, L] bool), L = the longest sequence;
+        padding reads a valid row and is masked out by `valid`.
         """
         self.batched_decode_calls += 1
-        pools = self.pools[layer_id]
-        rpb = {self.rows_per_block[layer_id][n] for n in rows}
-        assert rpb == {self.block_size}, "batched decode needs one row per token"
-        b = self.block_size
-        tables = torch.nn.utils.rnn.pad_sequence([v.blocks for v in views], batch_first=True)  # [S, max blocks]
+        pids = {self.pool_of[layer_id][n] for n in rows}
+        assert len(pids) == 1, "batched decode reads tensors of one pool"
+        pid = pids.pop()
+        pool = self.pools[pid]
+        assert pool.window == 0 and pool.tokens_per_row == 1, "batched decode needs a full pool, one row per token"
+        b = pool.page_tokens
+        store = self.storage[layer_id]
+        tables = torch.nn.utils.rnn.pad_sequence([v.tables[pid] for v in views], batch_first=True)  # [S, pages]
         s_ids = torch.arange(len(views))
         dst = tables[s_ids, positions // b] * b + positions % b  # [S]
         for name, r in rows.items():
-            pools[name].index_copy_(0, dst, r.to(pools[name].dtype))
+            store[name].index_copy_(0, dst, self._to_store(r))
         lengths = positions + 1
         span = torch.arange(int(lengths.max()))  # [L]
         valid = span[None, :] < lengths[:, None]  # [S, L]
         cols = torch.where(valid, span[None, :], 0)
         src = (tables.gather(1, cols // b) * b + cols % b).reshape(-1)  # [S * L]
-        out = {name: pools[name].index_select(0, src).view(*valid.shape, *pools[name].shape[1:]) for name in rows}
+        out = {name: self._from_store(store[name].index_select(0, src)).view(*valid.shape, *store[name].shape[1:])
+               for name in rows}
         return out, valid
 
     # ---- block payloads for the KV store ------------------------------------------------------------
-    def read_block(self, block_id: int) -> list[dict[str, torch.Tensor]]:
-        """Every layer's rows of one block: layer -> name -> [R, *row_shape] (copies)."""
-        out = []
-        for pools, rpb in zip(self.pools, self.rows_per_block, strict=True):
-            out.append({n: p[block_id * rpb[n]:(block_id + 1) * rpb[n]].clone() for n, p in pools.items()})
+    def block_rows(self, pool: PoolSpec, block: int) -> tuple[int, int]:
+        """Rows of block `block` a stored block carries for `pool`: all of them for a full pool; for a window
+        pool the last min(window, B) (what resuming at the next block boundary reads)."""
+        b, tpr = self.block_size, pool.tokens_per_row
+        lo = block * b if not pool.window else (block + 1) * b - min(pool.window, b)
+        return lo // tpr, (block + 1) * b // tpr
+
+    def read_block(self, blocks: SeqBlocks, block: int) -> list[dict[str, torch.Tensor]]:
+        """Every layer's rows of one block of a sequence: layer -> name -> [R, *row_shape] (copies, cache dtype)."""
+        tables = [torch.tensor(t, dtype=torch.long) for t in blocks.tables]
+        out: list[dict[str, torch.Tensor]] = []
+        for layer_id, layer in enumerate(self.storage):
+            rows = {}
+            for name, store in layer.items():
+                pid = self.pool_of[layer_id][name]
+                idx = self.index(tables[pid], self.pools[pid], *self.block_rows(self.pools[pid], block))
+                rows[name] = self._from_store(store.index_select(0, idx), self.dtype)
+            out.append(rows)
         return out
 
-    def write_block(self, block_id: int, payload: list[dict[str, torch.Tensor]]) -> None:
-        """Fill one block from a payload shaped like `read_block`'s (mutates the pools)."""
-        for pools, rpb, layer in zip(self.pools, self.rows_per_block, payload, strict=True):
-            for n, p in pools.items():
-                p[block_id * rpb[n]:(block_id + 1) * rpb[n]].copy_(layer[n])
+    def write_block(self, blocks: SeqBlocks, block: int, payload: list[dict[str, torch.Tensor]]) -> None:
+        """Fill one block of a sequence from a payload shaped like `read_block`'s (mutates the pools). Window
+        rows the sequence no longer holds (before its window) are skipped."""
+        tables = [torch.tensor(t, dtype=torch.long) for t in blocks.tables]
+        for layer_id, (layer, rows) in enumerate(zip(self.storage, payload, strict=True)):
+            for name, store in layer.items():
+                pid = self.pool_of[layer_id][name]
+                pool, table = self.pools[pid], tables[pid]
+                lo, hi = self.block_rows(pool, block)
+                held = lo
+                while held < hi and int(table[held // pool.rows_per_page]) < 0:
+                    held += 1
+                if held < hi:
+                    store.index_copy_(0, self.index(table, pool, held, hi), self._to_store(rows[name][held - lo:]))
 
 
 class SeqCacheView:
-    """One sequence's cache (all layers) through its block table. `batch` is the pool a batch of views can
+    """One sequence's cache (all layers) through its page tables. `batch` is the pool a batch of views can
     share for batched decode (attention modules look for it; other caches have none)."""
 
-    def __init__(self, cache: PagedKVCache, block_table: list[int]) -> None:
+    def __init__(self, cache: PagedKVCache, blocks: SeqBlocks) -> None:
         self.cache = cache
         self.batch = cache
-        self.blocks = torch.tensor(block_table, dtype=torch.long)
+        self.tables = [torch.tensor(t, dtype=torch.long) for t in blocks.tables]
 
     def layer(self, layer_id: int) -> _LayerView:
         return _LayerView(self, layer_id)
-
-    def rows(self, rpb: int, start: int, end: int) -> torch.Tensor:
-        r = torch.arange(start, end)
-        nb = self.blocks.numel()
-        if end > nb * rpb:
-            raise AssertionError(f"cache row {end - 1} beyond the {nb} allocated blocks")
-        return self.blocks[r // rpb] * rpb + r % rpb
 
 
 class _LayerView:
@@ -103,12 +235,16 @@ class _LayerView:
     def __init__(self, seq: SeqCacheView, layer_id: int) -> None:
         self.seq, self.layer_id = seq, layer_id
 
+    def _index(self, name: str, start_row: int, end_row: int) -> torch.Tensor:
+        c = self.seq.cache
+        pid = c.pool_of[self.layer_id][name]
+        return c.index(self.seq.tables[pid], c.pools[pid], start_row, end_row)
+
     def write(self, name: str, start_row: int, rows: torch.Tensor) -> None:
         c = self.seq.cache
-        idx = self.seq.rows(c.rows_per_block[self.layer_id][name], start_row, start_row + rows.shape[0])
-        c.pools[self.layer_id][name].index_copy_(0, idx, rows.to(c.pools[self.layer_id][name].dtype))
+        c.storage[self.layer_id][name].index_copy_(0, self._index(name, start_row, start_row + rows.shape[0]),
+                                                   c._to_store(rows))
 
     def read(self, name: str, start_row: int, end_row: int) -> torch.Tensor:
         c = self.seq.cache
-        idx = self.seq.rows(c.rows_per_block[self.layer_id][name], start_row, end_row)
-        return c.pools[self.layer_id][name].index_select(0, idx)
+        return c._from_store(c.storage[self.layer_id][name].index_select(0, self._index(name, start_row, end_row)))

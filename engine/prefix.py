@@ -2,9 +2,11 @@
 
 - Keys: a sequence's full blocks are keyed by the hash chain of kvstore/keys.py over prompt + generated ids,
   so equal prefixes share blocks and a resumed sequence finds the blocks of what it already generated.
-- Admission: the longest run of leading blocks present in the store is fetched and written into the
-  sequence's fresh blocks instead of being recomputed. At least one token is always left to compute (its
-  logits give the next token).
+- Admission: after the blocks the gating actor's own cache holds (engine/block_manager.py), the longest run
+  of following blocks present in the store is fetched and written into the sequence's fresh pages instead of
+  being recomputed. At least one token is always left to compute (its logits give the next token). A stored
+  block carries every full pool's rows of the block and, of each windowed tensor, the block's last
+  min(window, B) rows: what a query at the next block boundary reads (paged_cache.PagedKVCache.block_rows).
 - Write-through: after each step, blocks that became complete are encoded with the codec and handed to the
   store client, which writes them asynchronously; at most `max_inflight` writes are pending; beyond that a
   write is dropped (counted), never waited for: the step never blocks on the store.
@@ -71,13 +73,14 @@ class PrefixCache:
             sk.keys.append(block_key(parent, ids[i * b:(i + 1) * b], self.model_id, self.codec))
         return sk.keys[:num_blocks]
 
-    def lookup(self, seq: Sequence) -> list[list[dict]]:
-        """Fetch the longest stored prefix of `seq` (whole blocks, leaving >= 1 token): decoded payloads."""
+    def lookup(self, seq: Sequence, first_block: int = 0) -> list[list[dict]]:
+        """Fetch the longest run of stored blocks of `seq` from `first_block` on (whole blocks, leaving >= 1
+        token): decoded payloads."""
         self.stats.lookups += 1
         n_blocks = (seq.num_tokens - 1) // self.block_size
-        if n_blocks <= 0:
+        if n_blocks <= first_block:
             return []
-        keys = self.keys_for(seq, n_blocks)
+        keys = self.keys_for(seq, n_blocks)[first_block:]
         payloads = []
         for data in self.client.get_many(keys):
             if data is None:
@@ -92,16 +95,18 @@ class PrefixCache:
         return payloads
 
     def load(self, cache: PagedKVCache, seq: Sequence, payloads: list[list[dict]]) -> None:
-        """Write fetched blocks into the sequence's first blocks (mutates the cache)."""
+        """Write fetched blocks into the sequence's pages after its locally cached ones (mutates the cache)."""
+        first = seq.block_table.store_from
         for i, payload in enumerate(payloads):
-            cache.write_block(seq.block_table[i], payload)
+            cache.write_block(seq.block_table, first + i, payload)
         sk = self._keys.setdefault(seq.request_id, SeqKeys())
-        sk.written = max(sk.written, len(payloads))
+        sk.written = max(sk.written, first + len(payloads))
 
     def write_through(self, cache: PagedKVCache, seq: Sequence) -> None:
         """Hand every newly completed block of `seq` to the store (non-blocking, bounded in flight)."""
         done = seq.num_computed // self.block_size
         sk = self._keys.setdefault(seq.request_id, SeqKeys())
+        sk.written = max(sk.written, seq.block_table.store_from)  # local hits were stored by their writer
         if done <= sk.written:
             return
         keys = self.keys_for(seq, done)
@@ -109,7 +114,7 @@ class PrefixCache:
             if self.client.num_inflight() >= self.max_inflight:
                 self.stats.dropped_writes += 1
                 continue
-            self.client.put(keys[i], encode_block(cache.read_block(seq.block_table[i]), self.codec))
+            self.client.put(keys[i], encode_block(cache.read_block(seq.block_table, i), self.codec))
             self.stats.written_blocks += 1
         sk.written = done
 

@@ -1,10 +1,12 @@
 """Continuous batching with chunked prefill under a per-step token budget, paged blocks, preemption by recompute.
 
 Each step: running sequences first (in admission order; decodes need one token, unfinished prefills a
-chunk), then waiting ones are admitted while the token budget, the sequence limit and the free blocks allow.
-When a running sequence needs a block and none is free, the latest-admitted running sequence not yet
-scheduled this step is preempted: its blocks are freed and it goes back to the front of the queue to be
-recomputed (prompt + what it generated so far) later.
+chunk), then waiting ones are admitted while the token budget, the sequence limit and the free pages of every
+pool allow. At admission the longest prefix the local cache holds is shared (block_manager.py), then the KV
+store is asked for the blocks after it; only the rest is computed. When a running sequence needs a page and
+none is free, the latest-admitted running sequence not yet scheduled this step is preempted: its pages are
+released (complete blocks stay cached) and it goes back to the front of the queue to be recomputed (prompt +
+what it generated so far) later, from whatever of it is still cached.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 prefix_lookup: Callable[[Sequence], list] | None = None) -> None:
+                 prefix_lookup: Callable[[Sequence, int], list] | None = None) -> None:
         self.blocks = blocks
-        self.prefix_lookup = prefix_lookup  # fetches stored leading blocks of a sequence (KV store)
+        self.prefix_lookup = prefix_lookup  # (seq, first block) -> stored blocks from there on (KV store)
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -63,14 +65,14 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.prefix_lookup is not None and seq.num_computed == 0 and seq.prefix_payloads is None:
-                seq.prefix_payloads = self.prefix_lookup(seq)
-            cached = len(seq.prefix_payloads or ()) * self.blocks.block_size
+            cached = self._share_prefix(seq)
             n = min(seq.num_tokens - cached, budget)
-            if not self.blocks.can_allocate(seq, cached + n):
+            if not self.blocks.can_allocate(seq, cached + n, start=cached):
+                self.blocks.free(seq)  # give the shared pages back; look up again next step
+                seq.prefix_payloads = None
                 break
             self.waiting.popleft()
-            seq.num_computed = cached
+            seq.num_computed = seq.num_cached_prefix = cached
             self.blocks.allocate(seq, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -78,6 +80,22 @@ class Scheduler:
             scheduled.add(seq.request_id)
             budget -= n
         return chunks
+
+    def _share_prefix(self, seq: Sequence) -> int:
+        """Share the locally cached leading blocks of a waiting `seq`, fetch the stored ones after them (into
+        seq.prefix_payloads, written by the engine); returns the tokens whose KV need not be computed."""
+        b = self.blocks.block_size
+        local = self.blocks.match_prefix(seq)
+        self.blocks.acquire_prefix(seq, local)
+        if self.prefix_lookup is not None and seq.prefix_payloads is None:
+            seq.prefix_payloads = self.prefix_lookup(seq, local)
+        return (local + len(seq.prefix_payloads or ())) * b
+
+    def after_step(self, chunks: list[ScheduledChunk]) -> None:
+        """Register the blocks the step completed and release window pages no future query reads."""
+        for c in chunks:
+            if c.seq.status is SeqStatus.RUNNING:
+                self.blocks.trim(c.seq)
 
     def _make_room(self, seq: Sequence, upto: int, scheduled: set[str]) -> bool:
         """Preempt latest arrivals until `seq` can grow to `upto` tokens; False if `seq` itself was preempted."""

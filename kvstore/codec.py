@@ -1,8 +1,8 @@
 """KV codecs and the block encoding: one block (all layers' cached rows for B tokens) <-> framed bytes.
 
 A block payload is a list with one entry per layer, each a dict name -> tensor of shape [R, *row_shape]
-(see spec.py; float32, bfloat16 or float16). `encode_block` compresses every tensor with one codec and frames
-the result (frame.py) with a msgpack header that records, per tensor, its name, dtype, shape and where its
+(see spec.py; float32, bfloat16, float16, float8_e4m3fn). `encode_block` compresses every tensor with one codec and
+frames the result (frame.py) with a msgpack header that records, per tensor, its name, dtype, shape and where its
 parts (quantised data, scales) lie in the body. `decode_block` checks the frame and restores each tensor in
 its original dtype and shape.
 
@@ -34,7 +34,8 @@ from moeray.kvstore.frame import pack_frame, unpack_frame
 from moeray.kvstore.spec import ModelCacheSpec
 
 Shape = tuple[int, ...]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float8_e4m3fn": torch.float8_e4m3fn}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _FP16_MAX = 65504.0
 
@@ -74,7 +75,7 @@ class Fp16Codec(Codec):
 
     def encode(self, x: torch.Tensor) -> dict[str, bytes]:
         _check_finite(x, self.name)
-        if x.numel() and x.abs().max().item() > _FP16_MAX:
+        if x.numel() and x.float().abs().max().item() > _FP16_MAX:
             raise ValueError(f"fp16 codec needs |x| <= {_FP16_MAX}; got {x.abs().max().item():.4g}; use 'none'")
         return {"data": _to_bytes(x.to(torch.float16))}
 
@@ -210,7 +211,7 @@ def _decode_entry(codec: Codec, entry: Mapping[str, Any], body: memoryview) -> t
 
 
 def _check_finite(x: torch.Tensor, codec_name: str) -> None:
-    if not torch.isfinite(x).all():
+    if not torch.isfinite(x.float() if x.dtype.itemsize == 1 else x).all():  # CPU has no fp8 isfinite
         raise ValueError(f"{codec_name} codec needs finite values; carry NaN/inf with codec 'none'")
 
 

@@ -20,8 +20,7 @@ def real_blocks(family: str):
     prompt = torch.randint(0, 128, (100,), generator=torch.Generator().manual_seed(0)).tolist()
     eng.add_request("r", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
     eng.step()
-    blocks = eng.seqs["r"].block_table[:6]
-    return [eng.cache.read_block(b) for b in blocks]
+    return [eng.cache.read_block(eng.seqs["r"].block_table, j) for j in range(6)]
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
