@@ -173,7 +173,7 @@ def test_expert_quant_on_quantized_checkpoint_is_refused(v3):
 
 
 # ---- transformers' own FP8 loading as a second reference ------------------------------------------------------
-def test_transformers_fp8_loading_agrees_within_bf16_tolerance():
+def test_transformers_fp8_loading_agrees():
     pytest.importorskip("accelerate", reason="transformers' CPU FP8 dequantization needs accelerate")
     import transformers as tf
 
@@ -187,6 +187,6 @@ def test_transformers_fp8_loading_agrees_within_bf16_tolerance():
     with torch.no_grad():
         theirs = hf(ids).logits.float()
     ours = ReferenceModel.from_pretrained(q).forward(ids)
-    # transformers dequantizes into bf16 weights: its logits differ from the exact ones by bf16 rounding
-    scale = ours.abs().max().item()
-    assert (ours - theirs).abs().max().item() <= 0.05 * scale
+    # transformers 5.24 dequantizes block-aligned FP8 into the model's dtype (float32 here): the same protocol
+    # tolerance applies (measured: 1.2e-7)
+    assert (ours - theirs).abs().max().item() <= 1e-4
