@@ -57,7 +57,8 @@ MOERAY_SERVICE = pb.DESCRIPTOR.services_by_name["Moeray"].full_name
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 LONG_PROMPT_CHARS = 16384  # tokenize longer prompts off the event loop
 CANCEL_TIMEOUT_S = 10.0
-OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -78,8 +79,13 @@ def _bytes_view_class() -> type:
     pb.DESCRIPTOR.CopyToProto(src)
     view = descriptor_pb2.FileDescriptorProto(name="moeray_bytes_view.proto", package="moeray.bytesview")
     view.syntax = src.syntax
-    msg = view.message_type.add()
-    msg.CopyFrom(next(m for m in src.message_type if m.name == "GenerateRequest"))
+    for m in src.message_type:  # all of them: GenerateRequest refers to others (StructuredOutput, map entries)
+        view.message_type.add().CopyFrom(m)
+    for m in view.message_type:
+        for f in [*m.field, *(f for nested in m.nested_type for f in nested.field)]:
+            if f.type_name:
+                f.type_name = f.type_name.replace(".moeray.v1.", ".moeray.bytesview.")
+    msg = next(m for m in view.message_type if m.name == "GenerateRequest")
     for f in msg.field:
         if f.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING:
             f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
@@ -123,7 +129,10 @@ def request_to_dict(msg: pb.GenerateRequest) -> dict[str, Any]:
         "ignore_eos": msg.ignore_eos,
         "logprobs": msg.logprobs,
         "request_id": msg.request_id,
+        "logit_bias": dict(msg.logit_bias),
     }
+    if msg.HasField("structured"):
+        data["structured"] = {"kind": msg.structured.kind, "value": msg.structured.value}
     for name in OPTIONAL_FIELDS:
         if msg.HasField(name):
             data[name] = getattr(msg, name)
@@ -273,6 +282,8 @@ class Frontend:
                 )
                 if request.logprobs and delta.logprobs:
                     response.logprobs.extend(delta.logprobs)
+                for top in delta.top_logprobs or []:
+                    response.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[v for _, v in top])
                 if finish:
                     now = time.monotonic()
                     response.usage.CopyFrom(
@@ -281,6 +292,7 @@ class Frontend:
                             completion_tokens=num_tokens,
                             time_to_first_token_s=(first_token_s or now) - arrival_s,
                             total_s=now - arrival_s,
+                            cached_tokens=delta.num_cached_tokens,
                         )
                     )
                 yield response
@@ -419,6 +431,7 @@ class MoerayServicer(pb_grpc.MoerayServicer):
                     out.text += chunk.text
                     out.token_ids.extend(chunk.token_ids)
                     out.logprobs.extend(chunk.logprobs)
+                    out.top_logprobs.extend(chunk.top_logprobs)
                     out.finish_reason = chunk.finish_reason
                     if chunk.HasField("usage"):
                         out.usage.CopyFrom(chunk.usage)

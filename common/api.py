@@ -76,6 +76,14 @@ class GenerateRequest(BaseModel):
     ignore_eos: bool = False
     logprobs: bool = False
     request_id: str = ""
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    top_logprobs: int = 0
+    structured: dict[str, str] | None = None  # {"kind": "json" | "regex" | "choice" | "grammar", "value": ...}
 
     @field_validator("prompt")
     @classmethod
@@ -145,6 +153,16 @@ class GenerateRequest(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _check_sampling(self) -> GenerateRequest:
+        try:  # the engine's own checks (SamplingParams names the field first: "min_p must be in [0, 1] ...")
+            to_sampling_params(self)
+        except RequestError as e:
+            field, _, problem = str(e).partition(" ")
+            name = field.split("[")[0]  # "logit_bias[5] must be ..." names logit_bias
+            raise ValueError(f"{name}: {field[len(name):]} {problem}".replace(":  ", ": ")) from None
+        return self
+
+    @model_validator(mode="after")
     def _check_against_model(self, info: ValidationInfo) -> GenerateRequest:
         context = info.context or {}
         models: Mapping[str, ModelSpec] | None = context.get("models")
@@ -157,6 +175,7 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"prompt: longer than {max_prompt_bytes} bytes; send a shorter prompt")
         _check_token_ids(self.prompt_token_ids, "prompt_token_ids", spec.vocab_size)
         _check_token_ids(self.stop_token_ids, "stop_token_ids", spec.vocab_size)
+        _check_token_ids(list(self.logit_bias), "logit_bias", spec.vocab_size)
         if self.max_tokens >= spec.max_context:
             raise ValueError(
                 f"max_tokens: {self.max_tokens} leaves no room for a prompt in the context of "
@@ -262,7 +281,15 @@ def to_sampling_params(request: GenerateRequest) -> SamplingParams:
         stop_token_ids=list(request.stop_token_ids),
         stop=list(request.stop),
         ignore_eos=request.ignore_eos,
-        logprobs=request.logprobs,
+        logprobs=request.logprobs or request.top_logprobs > 0,
+        min_p=float(request.min_p),
+        presence_penalty=float(request.presence_penalty),
+        frequency_penalty=float(request.frequency_penalty),
+        repetition_penalty=float(request.repetition_penalty),
+        min_tokens=request.min_tokens,
+        logit_bias={int(k): float(v) for k, v in request.logit_bias.items()},
+        top_logprobs=request.top_logprobs,
+        structured=dict(request.structured) if request.structured else None,
     )
 
 
@@ -279,6 +306,7 @@ class FrontendConfig(BaseModel):
     tls_cert_path: Path | None = None
     tls_key_path: Path | None = None
     grace_s: float = Field(5.0, ge=0, description="how long stop() lets in-flight requests finish")
+    strict_api: bool = Field(False, description="HTTP: refuse unknown request fields instead of ignoring them")
 
     @model_validator(mode="after")
     def _check(self) -> FrontendConfig:

@@ -20,10 +20,12 @@ from moeray.engine.block_manager import BlockManager, build_kv_cache
 from moeray.engine.paged_cache import PagedKVCache
 from moeray.engine.prefix import PrefixCache
 from moeray.engine.runner import ModelRunner
-from moeray.engine.sampler import make_generator, sample
+from moeray.engine.sampler import SampleResult, make_generator, sample
 from moeray.engine.scheduler import ScheduledChunk, Scheduler
 from moeray.engine.sequence import Sequence
+from moeray.engine.structured import Grammars
 from moeray.engine.transport import ExpertTransport
+from moeray.models.dense import cast_dense
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # all cache pools together; replaces num_blocks when set
     kv_cache_dtype: torch.dtype | None = None  # storage (None: the model's dtype); reads give the model's dtype
     prefix_caching: bool = True  # full blocks stay cached after their request (engine/block_manager.py)
+    dtype: torch.dtype = torch.float32  # weights and compute (the serving dtype); float32 is exact
 
     def __post_init__(self) -> None:
         assert self.block_size > 0 and self.num_blocks > 0 and self.max_num_batched_tokens > 0
@@ -69,8 +72,9 @@ def validate_request(cfg, config: EngineConfig, prompt_ids: list[int], params: S
 
 class Engine:
     def __init__(self, dense: torch.nn.Module, transport: ExpertTransport, config: EngineConfig,
-                 decode: Callable[[list[int]], str] | None = None, prefix: PrefixCache | None = None) -> None:
-        self.dense, self.cfg, self.config = dense, dense.cfg, config
+                 decode: Callable[[list[int]], str] | None = None, prefix: PrefixCache | None = None,
+                 grammars: Grammars | None = None) -> None:
+        self.dense, self.cfg, self.config = cast_dense(dense, config.dtype), dense.cfg, config
         self.cache: PagedKVCache
         self.blocks: BlockManager
         self.cache, self.blocks = build_kv_cache(dense.cache_spec(), config, prefix, next(dense.parameters()).dtype)
@@ -80,6 +84,7 @@ class Engine:
         self.runner = ModelRunner(dense, self.cache, transport, config.micro_batches)
         self.transport = transport
         self.decode = decode
+        self.grammars = grammars  # structured output: per-request token masks (engine/structured.py)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
@@ -101,6 +106,10 @@ class Engine:
         done = list(output_ids or [])
         if len(done) >= params.max_tokens:
             raise RequestError(f"request {request_id!r} already has {len(done)} of max_tokens={params.max_tokens}")
+        if params.structured is not None:
+            if self.grammars is None:
+                raise RequestError("structured: this model ships no tokenizer.json, so it cannot follow a grammar")
+            self.grammars.add(request_id, params.structured, done)
         seq = Sequence(request_id, list(prompt_ids), params, output_ids=done, arrival=next(self._arrivals),
                        generator=None if params.greedy else make_generator(params.seed))
         self.seqs[request_id] = seq
@@ -117,6 +126,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self.seqs.pop(seq.request_id, None)
+        if self.grammars is not None:
+            self.grammars.forget(seq.request_id)
         if self.prefix is not None:
             self.prefix.forget(seq)
 
@@ -135,7 +146,6 @@ class Engine:
         for c in chunks:
             if c.seq.prefix_payloads:
                 self.prefix.load(self.cache, c.seq, c.seq.prefix_payloads)
-                c.seq.num_cached_prefix = len(c.seq.prefix_payloads) * self.config.block_size
             c.seq.prefix_payloads = None
         logits = self.runner.run(chunks)
         return self._postprocess(chunks, logits)
@@ -153,18 +163,21 @@ class Engine:
             for c in chunks:
                 self.prefix.write_through(self.cache, c.seq)
         self.scheduler.after_step(chunks)
-        tokens, logprobs = sample(logits, [c.seq for c in sampling]) if sampling else ([], [])
+        seqs = [c.seq for c in sampling]
+        allowed = self.grammars.masks([s.request_id for s in seqs]) if self.grammars is not None and seqs else None
+        out = sample(logits, seqs, allowed, self.cfg.eos_token_ids) if seqs else SampleResult([], [], [])
         deltas = []
-        for c, tok, lp in zip(sampling, tokens, logprobs, strict=True):
+        for c, tok, lp, top in zip(sampling, out.tokens, out.logprobs, out.top_logprobs, strict=True):
             seq = c.seq
             seq.output_ids.append(tok)
             if lp is not None:
                 seq.output_logprobs.append(lp)
-            reason = self._stop_reason(seq, tok)
+            done = self.grammars is not None and self.grammars.accept(seq.request_id, tok)
+            reason = self._stop_reason(seq, tok) or ("stop" if done else None)
             if reason is not None:
                 self._finish(seq, reason)
             deltas.append(StepDelta(seq.request_id, [tok], [lp] if lp is not None else None, reason,
-                                    seq.num_cached_prefix))
+                                    seq.num_cached_prefix, [top] if top is not None else None))
         return deltas
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
@@ -205,6 +218,8 @@ class Engine:
                 o.token_ids.extend(d.token_ids)
                 if d.logprobs and o.logprobs is not None:
                     o.logprobs.extend(d.logprobs)
+                if d.top_logprobs:
+                    o.top_logprobs = (o.top_logprobs or []) + d.top_logprobs
                 o.finish_reason = d.finish_reason
                 o.num_cached_tokens = d.num_cached_tokens
         return list(outs.values())
