@@ -296,7 +296,7 @@ class Controller:
         self._request_resources_if_needed()
         return make_expert_actor(c.model, slots, a, c.device, c.expert_num_cpus, c.allow_cpu_fallback,
                                  c.torch_threads, c.max_restarts, name=expert_actor_name(self.deployment, a),
-                                 namespace=c.namespace)
+                                 namespace=c.namespace, expert_quant=c.expert_quant)
 
     def _request_resources_if_needed(self) -> None:
         """A new replica needs its device: when the cluster has none free, ask the Ray autoscaler for one."""

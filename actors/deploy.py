@@ -293,7 +293,8 @@ def deploy(config: ServeConfig | None = None, address: str | None = None, **fiel
         for a in table.actor_ids:
             experts[a] = make_expert_actor(cfg.model, table.actor_slots(a), a, cfg.device, cfg.expert_num_cpus,
                                            cfg.allow_cpu_fallback, cfg.torch_threads, cfg.max_restarts,
-                                           name=expert_actor_name(name, a), namespace=cfg.namespace)
+                                           name=expert_actor_name(name, a), namespace=cfg.namespace,
+                                           expert_quant=cfg.expert_quant)
     kv_shards: dict[str, Any] = {}
     if cfg.kv_store.enabled:
         kv = cfg.kv_store

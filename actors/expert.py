@@ -16,10 +16,8 @@ import ray
 import torch
 
 from moeray.actors.devices import actor_options, torch_device
-from moeray.experts.group import ExpertGroup
-from moeray.models.checkpoint import Checkpoint, load_expert_weights
+from moeray.models.checkpoint import Checkpoint, load_experts_into, new_expert_group
 from moeray.models.config import ModelConfig
-from moeray.models.registry import expert_group_kwargs
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -31,15 +29,16 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
 
 class ExpertGroupActor:
     def __init__(self, model_path: str, slots: dict[int, list[int]], device: str = "cpu",
-                 allow_cpu_fallback: bool = False, torch_threads: int = 1, actor_id: int = 0) -> None:
+                 allow_cpu_fallback: bool = False, torch_threads: int = 1, actor_id: int = 0,
+                 expert_quant: str = "none") -> None:
         torch.set_num_threads(torch_threads)
         self.actor_id = actor_id
         self.device_kind = device
         self.device = torch_device(device, allow_cpu_fallback)
         self.model_path = model_path
         self.cfg = ModelConfig.from_pretrained(model_path)
-        self.ckpt = Checkpoint(model_path)
-        self.group = ExpertGroup(**expert_group_kwargs(self.cfg))
+        self.ckpt = Checkpoint(model_path, expert_quant)  # packed experts stay packed
+        self.group = new_expert_group(self.cfg, self.ckpt)
         self.load_slots(slots)
         self._busy_s = 0.0
         self._rows = 0
@@ -59,8 +58,7 @@ class ExpertGroupActor:
 
     def load_slots(self, slots: dict[int, list[int]]) -> dict[int, list[int]]:
         """Load (layer -> expert ids) from the checkpoint; returns what is loaded now."""
-        for layer, experts in load_expert_weights(self.cfg, self.ckpt, {int(k): v for k, v in slots.items()}).items():
-            self.group.load(layer, experts)
+        load_experts_into(self.group, self.cfg, self.ckpt, {int(k): v for k, v in slots.items()})
         return self.group.loaded()
 
     def unload_slots(self, slots: dict[int, list[int]]) -> dict[int, list[int]]:
@@ -84,11 +82,11 @@ class ExpertGroupActor:
 
 def make_expert_actor(model_path: str, slots: dict[int, list[int]], actor_id: int, device: str, num_cpus: float,
                       allow_cpu_fallback: bool, torch_threads: int, max_restarts: int, name: str | None = None,
-                      namespace: str | None = None):
+                      namespace: str | None = None, expert_quant: str = "none"):
     """Start one expert-group actor placed per `device` (restartable: Ray re-runs __init__ on restart)."""
     opts = actor_options(device, num_cpus)
     opts.update(max_restarts=max_restarts, max_task_retries=0)
     if name:
         opts.update(name=name, namespace=namespace, lifetime=None)
     cls = ray.remote(concurrency_groups={"health": 1})(ExpertGroupActor).options(**opts)
-    return cls.remote(model_path, slots, device, allow_cpu_fallback, torch_threads, actor_id)
+    return cls.remote(model_path, slots, device, allow_cpu_fallback, torch_threads, actor_id, expert_quant=expert_quant)

@@ -22,10 +22,9 @@ from moeray.common.errors import RequestError
 from moeray.common.sampling import SamplingParams, StepDelta
 from moeray.engine.engine import Engine, EngineConfig
 from moeray.engine.transport import LocalTransport
-from moeray.experts.group import ExpertGroup
-from moeray.models.checkpoint import Checkpoint, load_dense, load_expert_weights
+from moeray.models.checkpoint import Checkpoint, load_dense, load_experts_into, new_expert_group
 from moeray.models.config import ModelConfig
-from moeray.models.registry import build_dense_model, expert_group_kwargs
+from moeray.models.registry import build_dense_model
 from moeray.router.table import RoutingTable
 
 LOST = "lost"  # poll's answer for a request this actor does not know: resubmit it (the actor restarted)
@@ -59,7 +58,7 @@ class GatingActor:
         self.index = index
         torch.set_num_threads(self.config.torch_threads)
         self.model_cfg = ModelConfig.from_pretrained(self.config.model)
-        ckpt = Checkpoint(self.config.model)
+        ckpt = Checkpoint(self.config.model, self.config.expert_quant)
         dense = build_dense_model(self.model_cfg)
         load_dense(dense, self.model_cfg, ckpt)
         dense.eval()
@@ -67,9 +66,8 @@ class GatingActor:
         if self.config.transport == "local" or not expert_actors:
             groups = {}
             for a in self.table.actor_ids:
-                g = ExpertGroup(**expert_group_kwargs(self.model_cfg))
-                for layer, ex in load_expert_weights(self.model_cfg, ckpt, self.table.actor_slots(a)).items():
-                    g.load(layer, ex)
+                g = new_expert_group(self.model_cfg, ckpt)
+                load_experts_into(g, self.model_cfg, ckpt, self.table.actor_slots(a))
                 groups[a] = g
             transport = LocalTransport(groups, self.table)
         else:

@@ -75,6 +75,9 @@ class ServeConfig(BaseModel):
     # weights, KV cache and compute; auto: bfloat16 where the device computes it fast (GPU, NPU, CPUs with AMX or
     # AVX512-BF16), float32 elsewhere, decided at start-up (moeray.models.dtypes). float32 is exact.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # quantize a bf16/fp32 checkpoint\'s routed experts on load (held packed; quantized checkpoints are served
+    # as stored whatever this says: set it only for plain ones)
+    expert_quant: Literal["none", "int8", "fp8", "mxfp4"] = "none"
     expert_num_cpus: float = Field(0.25, ge=0)
     gating_num_cpus: float = Field(0.5, ge=0)
     num_gating_actors: int = Field(1, ge=1)
