@@ -103,8 +103,9 @@ class BlockManager:
 
     def check_fits(self, num_tokens: int, what: str) -> None:
         """Raise KVBudgetError (naming the budget field and the bytes needed) if a sequence of `num_tokens`
-        tokens can never be held, even alone. `what` describes the request."""
-        short = [(p, self._pages_upto(p.spec, 0, num_tokens)) for p in self.pools]
+        tokens can never be held, even alone. `what` describes the request. (Window pools are sized to hold at
+        least one sequence's window and chunk, see size_pools.)"""
+        short = [(p, self._pages_upto(p.spec, 0, num_tokens)) for p in self.pools if not p.spec.window]
         short = [(p, n) for p, n in short if n > p.num_pages]
         if not short:
             return
