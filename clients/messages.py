@@ -23,6 +23,7 @@ class Usage:
     completion_tokens: int
     time_to_first_token_s: float
     total_s: float
+    cached_tokens: int = 0  # prompt tokens whose KV came from the cache instead of being computed
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ class GenerateChunk:
     logprobs: list[float]
     finish_reason: str | None  # set on the last chunk: "length" | "stop" | "eos" | "cancelled" | "error"
     usage: Usage | None  # set on the last chunk
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, most likely first
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,7 @@ class Completion:
     logprobs: list[float]
     finish_reason: str
     usage: Usage | None
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +114,19 @@ def build_request(
     ignore_eos: bool = False,
     logprobs: bool = False,
     request_id: str = "",
+    min_p: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    min_tokens: int | None = None,
+    logit_bias: dict[int, float] | None = None,
+    top_logprobs: int | None = None,
+    structured: dict[str, str] | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; a str prompt is sent as text, a sequence of ints as prompt_token_ids.
 
     Parameters left None take the server's defaults. Nothing is validated here: the server is the judge.
+    structured: {"kind": "json" | "regex" | "choice" | "grammar", "value": str}.
     """
     request = pb.GenerateRequest(
         model=model,
@@ -123,12 +135,17 @@ def build_request(
         ignore_eos=ignore_eos,
         logprobs=logprobs,
         request_id=request_id,
+        logit_bias=dict(logit_bias or {}),
     )
+    if structured is not None:
+        request.structured.CopyFrom(pb.StructuredOutput(kind=structured["kind"], value=structured["value"]))
     if isinstance(prompt, str):
         request.prompt = prompt
     else:
         request.prompt_token_ids.extend(prompt)
-    optional = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+    optional = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
+                "min_p": min_p, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+                "repetition_penalty": repetition_penalty, "min_tokens": min_tokens, "top_logprobs": top_logprobs}
     for name, value in optional.items():
         if value is not None:
             setattr(request, name, value)
@@ -139,7 +156,11 @@ def _usage(msg) -> Usage | None:
     if not msg.HasField("usage"):
         return None
     u = msg.usage
-    return Usage(u.prompt_tokens, u.completion_tokens, u.time_to_first_token_s, u.total_s)
+    return Usage(u.prompt_tokens, u.completion_tokens, u.time_to_first_token_s, u.total_s, u.cached_tokens)
+
+
+def _top(msg) -> list[list[tuple[int, float]]]:
+    return [list(zip(t.token_ids, t.logprobs, strict=True)) for t in msg.top_logprobs]
 
 
 def chunk_from_proto(msg: pb.GenerateResponse) -> GenerateChunk:
@@ -150,6 +171,7 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerateChunk:
         logprobs=list(msg.logprobs),
         finish_reason=msg.finish_reason or None,
         usage=_usage(msg),
+        top_logprobs=_top(msg),
     )
 
 
@@ -161,6 +183,7 @@ def completion_from_proto(msg: pb.CompleteResponse) -> Completion:
         logprobs=list(msg.logprobs),
         finish_reason=msg.finish_reason,
         usage=_usage(msg),
+        top_logprobs=_top(msg),
     )
 
 
