@@ -149,7 +149,10 @@ def bad_requests(backend, model: str) -> list[tuple[str, dict]]:
         ("temperature", {"prompt": "hi", "temperature": -1.0}),
         ("top_p", {"prompt": "hi", "top_p": 1.5}),
         ("stop", {"prompt": "hi", "stop": [""]}),
-        ("n", {"prompt": "hi", "n": 2}),
+        ("n", {"prompt": "hi", "n": 0}),
+        ("presence_penalty", {"prompt": "hi", "presence_penalty": 3.0}),
+        ("logit_bias", {"prompt": "hi", "logit_bias": {str(vocab): 1}}),
+        ("response_format", {"prompt": "hi", "extra_body": {"response_format": {"type": "json_schema"}}}),
     ]
 
 
@@ -249,3 +252,85 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vLLM/OpenAI parity over the real engine (issue 16)
+
+
+def _repeats(ids: list[int]) -> int:
+    return len(ids) - len(set(ids))
+
+
+def test_penalties_lower_repeats(client, model):
+    def ids(**extra):
+        r = client.completions.create(model=model, prompt=PROMPT, max_tokens=40, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True, **extra},
+                                      logprobs=0)
+        return r.choices[0].logprobs.tokens
+
+    plain = ids()
+    assert _repeats(ids(frequency_penalty=2.0)) < _repeats(plain)
+    assert _repeats(ids(presence_penalty=2.0)) < _repeats(plain)
+    assert _repeats(ids(repetition_penalty=2.0)) < _repeats(plain)
+
+
+def test_n_returns_n_distinct_choices(client, model):
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=1.0, n=3,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.text for c in r.choices}) == 3
+    assert r.usage.completion_tokens == 36
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], n=2,
+                                          max_tokens=10, temperature=1.0, seed=5)
+    assert len({c.message.content for c in chat.choices}) == 2
+
+
+def test_chat_top_logprobs_has_k_sorted_entries(client, model):
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=6,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6
+    for entry in content:
+        values = [a.logprob for a in entry.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True)
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the sampled token is the best
+
+
+def test_completion_logprobs_k_plus_the_sampled_token(client, model):
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=1.5, logprobs=2, seed=3,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    extra = 0
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert token in top and len(top) <= 3  # keyed by text: tokens with the same text (a partial UTF-8) share one
+        if len(top) == 3:
+            assert top[token] == pytest.approx(logprob)
+        extra += len(top) == 3
+    assert extra > 0  # at temperature 1.5 some sampled tokens are not among the two most likely
+
+
+def test_json_schema_output_validates(client, model):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "ok": {"type": "boolean"}},
+              "required": ["name", "n", "ok"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}})
+    text = r.choices[0].message.content
+    jsonschema.validate(json.loads(text), schema)
+    assert r.choices[0].finish_reason == "stop"
+    obj = client.completions.create(model=model, prompt=PROMPT, max_tokens=40, temperature=0.8, seed=1,
+                                    extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert obj.choices[0].text in ("yes", "no")
+
+
+def test_usage_reports_cached_tokens_and_fingerprint(client, model):
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
+    assert r.system_fingerprint.startswith("fp_")
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
