@@ -65,9 +65,17 @@ class Compressor(nn.Module):
         x [n, D] (the attention input) at positions start_pos.. -> rows [T, d], T = (start_pos + n) // m.
         Writes `<name>_raw` rows start_pos.. and `<name>` rows for the completed windows (mutates `cache`).
         """
-        n, m = x.shape[0], self.rate
+        return self.update_raw(self.project(x), start_pos, cache, name)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, D] -> the raw per-token projections [n, 2, c*d] (row 0 kv, row 1 gate logits)."""
+        return torch.stack([self.kv_proj(x), self.gate_proj(x)], dim=1)
+
+    def update_raw(self, raw_new: torch.Tensor, start_pos: int, cache: LayerCache, name: str) -> torch.Tensor:
+        """`update` with the new tokens' projections [n, 2, c*d] already computed -> rows [T, d]."""
+        n, m = raw_new.shape[0], self.rate
         end = start_pos + n
-        cache.write(f"{name}_raw", start_pos, torch.stack([self.kv_proj(x), self.gate_proj(x)], dim=1))
+        cache.write(f"{name}_raw", start_pos, raw_new)
         w0, w1 = start_pos // m, end // m  # the windows completed by this chunk
         if w1 > w0:
             has_prev = self.overlap and w0 > 0
@@ -76,8 +84,8 @@ class Compressor(nn.Module):
             cos, sin = self.rotary.cos_sin(torch.arange(w0, w1) * m)
             cache.write(name, w0, V4Rotary.apply(rows, cos, sin))
         if w1 == 0:
-            return x.new_zeros(0, self.dim)
-        return cache.read(name, 0, w1).to(x.dtype)
+            return raw_new.new_zeros(0, self.dim)
+        return cache.read(name, 0, w1).to(raw_new.dtype)
 
 
 def visible_rows(start_pos: int, n: int, num_rows: int, rate: int) -> torch.Tensor:

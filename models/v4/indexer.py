@@ -49,6 +49,33 @@ class Indexer(Compressor):
         chosen = torch.zeros(n, t + 1, dtype=torch.bool).scatter_(1, ids, True)
         return chosen[:, :t]
 
+    def select_ids(self, raw_new: torch.Tensor, q: torch.Tensor, w: torch.Tensor, start_pos: int,
+                   cache: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k rows of each query as indices, for gathering (mutates `cache`).
+
+        raw_new [n, 2, 2 Di] (`project(x)`), q [n, Hi, Di] roped indexer queries, w [n, Hi] head weights (see
+        `queries`) -> ids [n, k] (into the compressed rows), valid [n, k] bool (False: fewer than k rows are
+        visible to that query). The same rows `select` marks, in canonical order.
+        """
+        n = q.shape[0]
+        keys = self.update_raw(raw_new, start_pos, cache, "index")  # [T, Di]
+        t = keys.shape[0]
+        visible = visible_rows(start_pos, n, t, self.rate)  # [n, T]
+        if t == 0:
+            return torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, 0, dtype=torch.bool)
+        s = F.relu(torch.matmul(q.float(), keys.float().t())) * self.head_dim**-0.5  # [n, Hi, T]
+        scores = (s * w[..., None]).sum(dim=1).masked_fill(~visible, float("-inf"))
+        ids = topk_lowest_index(scores, min(self.topk, t))  # [n, k]
+        return ids, visible.gather(1, ids)
+
+    def queries(self, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D], q_residual [N, Rq], positions [N] -> roped queries [N, Hi, Di], head weights [N, Hi] (fp32)."""
+        n = x.shape[0]
+        cos, sin = self.rotary.cos_sin(positions)
+        q = V4Rotary.apply(self.q_b_proj(q_residual).view(n, self.num_heads, self.head_dim), cos, sin)
+        return q, self.weights_proj(x).float() * self.num_heads**-0.5
+
     def scores(self, x: torch.Tensor, q_residual: torch.Tensor, start_pos: int, keys: torch.Tensor) -> torch.Tensor:
         """Index scores [n, T] (fp32) of the queries at start_pos.. against the compressed keys [T, Di]."""
         n = x.shape[0]

@@ -94,14 +94,11 @@ class V4DecoderLayer(nn.Module):
         self.ffn_hc = HyperConnection(x.hc_mult, d, x.hc_sinkhorn_iters, x.hc_eps, eps)
 
     def attention(self, state: torch.Tensor, seqs: Sequence[SeqChunk]) -> torch.Tensor:
-        """state [N, hc, D] -> [N, hc, D]: hyper-connected attention, each sequence over its own cache."""
+        """state [N, hc, D] -> [N, hc, D]: hyper-connected attention over the whole batch (each sequence's
+        cache its own)."""
         post, comb, h = self.attn_hc(state)
         h = self.input_layernorm(h)
-        outs, off = [], 0
-        for s in seqs:
-            outs.append(self.self_attn(h[off:off + s.num_tokens], s.start_pos, s.cache.layer(self.layer_id)))
-            off += s.num_tokens
-        return HyperConnection.mix(state, post, comb, torch.cat(outs) if len(outs) > 1 else outs[0])
+        return HyperConnection.mix(state, post, comb, self.self_attn.forward_batch(h, seqs, self.layer_id))
 
     def mlp_input(self, state: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """state [N, hc, D] -> the MoE input x [N, D] and ctx = (post, comb) for `mlp_output`."""
