@@ -6,10 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import ray
-
 from moeray.actors.deploy import Deployment
-from moeray.common.errors import RequestError
+from moeray.common.errors import BackendUnavailableError, RequestError
 from moeray.common.sampling import SamplingParams, StepDelta
 
 
@@ -39,8 +37,6 @@ class DeploymentBackend:
         try:
             async for d in self.dep.stream(request_id, prompt_ids, params, gating_index=self.index):
                 if d.finish_reason and d.finish_reason.startswith("error"):
-                    from moeray.common.errors import BackendUnavailableError
-
                     raise BackendUnavailableError(f"request {request_id} failed in the engine: {d.finish_reason}")
                 yield d
         finally:
@@ -48,7 +44,7 @@ class DeploymentBackend:
 
     async def cancel(self, request_id: str) -> None:
         try:
-            await self.dep.gating[self.index].cancel.remote(request_id)
+            await self.dep.gating_handles[self.index].cancel(request_id)
         except Exception:  # noqa: BLE001 - cancel is best effort and idempotent
             pass
 
@@ -56,7 +52,7 @@ class DeploymentBackend:
         return self._inflight
 
     def num_free_blocks(self) -> int:
-        return ray.get(self.dep.gating[self.index].num_free_blocks.remote())
+        return self.dep.gating_handles[self.index].num_free_blocks().result()
 
     # ---- operations ------------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:

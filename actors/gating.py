@@ -17,8 +17,10 @@ from typing import Any
 import ray
 import torch
 
+from moeray.actors.gating_buffers import DeltaBuffers
+from moeray.actors.supervisor import LOST
 from moeray.common.config import ServeConfig
-from moeray.common.errors import RequestError
+from moeray.common.errors import DuplicateRequestError, RequestError
 from moeray.common.sampling import SamplingParams, StepDelta
 from moeray.engine.engine import Engine, EngineConfig
 from moeray.engine.transport import LocalTransport
@@ -27,7 +29,7 @@ from moeray.models.config import ModelConfig
 from moeray.models.registry import build_dense_model
 from moeray.router.table import RoutingTable
 
-LOST = "lost"  # poll's answer for a request this actor does not know: resubmit it (the actor restarted)
+__all__ = ["LOST", "GatingActor", "engine_config", "load_tokenizer", "model_id"]
 
 
 def engine_config(cfg: ServeConfig) -> EngineConfig:
@@ -53,9 +55,11 @@ def load_tokenizer(model_path: str):
 
 class GatingActor:
     def __init__(self, config: dict[str, Any], table: dict[str, Any], expert_actors: dict[int, Any] | None,
-                 index: int = 0, kv_shards: dict[str, Any] | None = None) -> None:
+                 index: int = 0, kv_shards: dict[str, Any] | None = None, deployment: str = "") -> None:
         self.config = ServeConfig(**config)
         self.index = index
+        # a restarted actor takes the controller's current table and handles, not its constructor's
+        table, expert_actors, kv_shards = _current_routing(self.config, deployment, table, expert_actors, kv_shards)
         torch.set_num_threads(self.config.torch_threads)
         self.model_cfg = ModelConfig.from_pretrained(self.config.model)
         ckpt = Checkpoint(self.config.model, self.config.expert_quant)
@@ -90,7 +94,7 @@ class GatingActor:
                              decode=(lambda ids: tok.decode(ids)) if tok is not None else None, prefix=prefix)
         self._inbox: collections.deque = collections.deque()
         self._inbox_lock = threading.Lock()
-        self._buffers: dict[str, list[StepDelta]] = {}
+        self._buffers = DeltaBuffers()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeray-step")
         self._loop_task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
@@ -99,7 +103,6 @@ class GatingActor:
         self._last_error: str | None = None
         self._step_s = 0.0
         self._t_submit: dict[str, float] = {}
-        self._cancelled: dict[str, None] = {}  # recently cancelled ids (insertion-ordered, bounded)
         self._t_last: dict[str, float] = {}
         from moeray.actors.metrics import GatingMetrics
 
@@ -112,8 +115,8 @@ class GatingActor:
         `output_ids` resumes a request another (failed) gating actor had started."""
         self.engine.check_request(list(prompt_ids), params)
         if request_id in self._buffers:
-            raise RequestError(f"request_id {request_id!r} is already in use")
-        self._buffers[request_id] = []
+            raise DuplicateRequestError(f"request_id {request_id!r} is already in use")
+        self._buffers.open(request_id)
         self._num_active += 1
         self._t_submit[request_id] = time.monotonic()
         self._push(("add", request_id, list(prompt_ids), params, list(output_ids or [])))
@@ -130,7 +133,7 @@ class GatingActor:
         self._ensure_loop()
         deadline = time.monotonic() + timeout_s
         async with self._cond:
-            while not any(self._buffers.get(r) for r in request_ids):
+            while not any(self._buffers.has_deltas(r) for r in request_ids):
                 left = deadline - time.monotonic()
                 if left <= 0 or not any(r in self._buffers for r in request_ids):
                     break
@@ -140,16 +143,12 @@ class GatingActor:
                     break
         out = {}
         for r in request_ids:
-            buf = self._buffers.get(r)
+            buf = self._buffers.take(r)
             if buf is None:
                 # cancelled here, or never known here (this actor restarted and lost it): tell the poller
-                out[r] = [StepDelta(r, [], None, "cancelled" if r in self._cancelled else LOST)]
+                out[r] = [StepDelta(r, [], None, "cancelled" if self._buffers.was_cancelled(r) else LOST)]
             elif buf:
                 out[r] = buf
-                if buf[-1].finish_reason is not None:
-                    del self._buffers[r]
-                else:
-                    self._buffers[r] = []
         return out
 
     @ray.method(concurrency_group="health")
@@ -175,14 +174,15 @@ class GatingActor:
         if self.kv_client is None:
             return 0
         await asyncio.get_running_loop().run_in_executor(self._pool, self.kv_client.flush)
-        return len(self.kv_client.acked)
+        return self.kv_client.num_acked
 
     async def acked_keys(self) -> list[bytes]:
         return list(self.kv_client.acked) if self.kv_client is not None else []
 
     async def take_expert_load(self) -> dict[int, list[int]]:
-        """Per-(layer, expert) routed pairs since the last call (the controller's EPLB input)."""
-        return self.transport.load.take()
+        """Per-(layer, expert) routed pairs since the last call (the controller's EPLB input). Swapped on the
+        step thread, between steps: the step adds to these counts, so reading them on the loop would race."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.transport.load.take)
 
     async def load(self) -> int:
         return self._num_active
@@ -195,10 +195,15 @@ class GatingActor:
     async def set_table(self, table: dict[str, Any], expert_actors: dict[int, Any] | None = None) -> int:
         """Take a new routing table and actor handles. Applied at once (not between steps): a step that is
         waiting for a lost actor's replacement must see the new handle. Each layer's dispatch reads the table
-        once, so a switch between layers is safe (the controller loads slots before it switches)."""
+        once, so a switch between layers is safe (the controller loads slots before it switches).
+        A table older than the one in use is refused (a delayed push must not undo a newer one); returns the
+        version in use."""
+        new = RoutingTable.from_dict(table)
+        if new.version < self.transport.table.version:
+            return self.transport.table.version
         if expert_actors is not None and hasattr(self.transport, "set_actors"):
             self.transport.set_actors(dict(expert_actors))
-        self.transport.set_table(RoutingTable.from_dict(table))
+        self.transport.set_table(new)
         return self.transport.table.version
 
     # ---- the loop ------------------------------------------------------------------------------------
@@ -283,15 +288,9 @@ class GatingActor:
             deltas = await loop.run_in_executor(self._pool, self._step)
             if deltas:
                 self._observe(deltas)
+                now = time.monotonic()
                 for d in deltas:
-                    buf = self._buffers.get(d.request_id)
-                    if d.finish_reason == "cancelled":
-                        self._buffers.pop(d.request_id, None)  # whoever cancelled stopped polling
-                        self._cancelled[d.request_id] = None
-                        while len(self._cancelled) > 10_000:
-                            self._cancelled.pop(next(iter(self._cancelled)))
-                    elif buf is not None:
-                        buf.append(d)
+                    self._buffers.add(d, now)
                     if d.finish_reason is not None:
                         self._num_active = max(0, self._num_active - 1)
                 async with self._cond:
@@ -299,19 +298,40 @@ class GatingActor:
 
 
 def model_id(model_path: str) -> str:
-    """Identifies the weights + cache layout in KV-store keys: folder name + hash of config.json."""
+    """Identifies the weights + cache layout in KV-store keys: a hash of config.json and of the weights' index
+    (model.safetensors.index.json, or each safetensors file's header: tensor names, dtypes, shapes, offsets).
+    Not the folder name: two folders with the same weights share blocks, a folder whose weights changed does not."""
     import hashlib
+    import struct
     from pathlib import Path
 
     p = Path(model_path)
-    return f"{p.name}-{hashlib.blake2b((p / 'config.json').read_bytes(), digest_size=8).hexdigest()}"
+    h = hashlib.blake2b(digest_size=8)
+    h.update((p / "config.json").read_bytes())
+    index = p / "model.safetensors.index.json"
+    if index.exists():
+        h.update(index.read_bytes())
+    for f in sorted(p.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            h.update(f.name.encode() + fh.read(n) + str(f.stat().st_size).encode())
+    return f"m-{h.hexdigest()}"
 
 
-def make_gating_actor(config: ServeConfig, table: RoutingTable, expert_actors: dict[int, Any] | None, index: int,
-                      name: str | None = None, kv_shards: dict[str, Any] | None = None):
-    opts: dict[str, Any] = dict(num_cpus=config.gating_num_cpus, max_restarts=config.max_restarts,
-                                max_concurrency=1000)
-    if name:
-        opts.update(name=name, namespace=config.namespace)
-    cls = ray.remote(concurrency_groups={"health": 1})(GatingActor)
-    return cls.options(**opts).remote(config.model_dump(), table.to_dict(), expert_actors, index, kv_shards)
+def _current_routing(cfg: ServeConfig, deployment: str, table: dict[str, Any], expert_actors: dict[int, Any] | None,
+                     kv_shards: dict[str, Any] | None) -> tuple[dict[str, Any], dict[int, Any] | None, Any]:
+    """The controller's routing table, expert handles and KV shards when a controller runs (this actor was
+    restarted, or started after a change), else the constructor's. The newer table wins."""
+    if not deployment or not cfg.controller or cfg.transport != "ray":
+        return table, expert_actors, kv_shards
+    from moeray.actors.handles import ControllerHandle
+    from moeray.actors.spawn import controller_name
+
+    try:
+        ctl = ControllerHandle(ray.get_actor(controller_name(deployment), namespace=cfg.namespace), deployment)
+        cur = ctl.routing().result(cfg.health_timeout_s * 5)
+    except Exception:  # noqa: BLE001 - no controller yet (first start) or unreachable: the constructor's
+        return table, expert_actors, kv_shards
+    if int(cur["table"]["version"]) < int(table.get("version", 0)):
+        return table, expert_actors, kv_shards
+    return cur["table"], {**(expert_actors or {}), **cur["actors"]}, cur.get("kv_shards") or kv_shards

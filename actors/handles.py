@@ -225,6 +225,10 @@ class ControllerHandle(_Handle):
     def get_table(self) -> Reply[dict[str, Any]]:
         return self._call("get_table")
 
+    def routing(self) -> Reply[dict[str, Any]]:
+        """{"table": the active table, "actors": expert handles it routes to, "kv_shards": shard handles}."""
+        return self._call("routing")
+
     def reconcile(self) -> Reply[dict[str, Any]]:
         return self._call("reconcile")
 

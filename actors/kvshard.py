@@ -9,23 +9,26 @@ from the surviving replicas (`repair`).
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import time
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
+from moeray.actors.handles import RAY_CALL_ERRORS, KVShardHandle
+from moeray.common.errors import ActorError
 from moeray.kvstore.ring import HashRing
 from moeray.kvstore.store import ShardStore
 
-_DEAD = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError, concurrent.futures.TimeoutError)
+MAX_ACKED_KEYS = 100_000  # acknowledged keys remembered (16 bytes each) for tests and repair checks
 
 
 class KVShardActor:
-    def __init__(self, shard_id: str, capacity_bytes: int, spill_dir: str | None = None) -> None:
+    def __init__(self, shard_id: str, capacity_bytes: int, spill_dir: str | None = None,
+                 spill_capacity_bytes: int | None = None) -> None:
+        """`spill_dir`: evicted blocks go to disk there instead of being dropped, and a restarted shard on the
+        same node finds them again."""
         self.shard_id = shard_id
-        self.store = ShardStore(capacity_bytes, spill_dir=spill_dir)
+        self.store = ShardStore(capacity_bytes, spill_dir=spill_dir, spill_capacity_bytes=spill_capacity_bytes)
         self.started_at = time.time()  # changes when Ray restarts the shard (empty): the controller repairs it
 
     def put(self, key: bytes, value: bytes) -> bool:
@@ -56,27 +59,18 @@ class KVShardActor:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
 
-def kv_shard_name(deployment: str, shard_id: str) -> str:
-    return f"{deployment}-{shard_id}"
-
-
-def make_kv_shard(shard_id: str, capacity_bytes: int, num_cpus: float, max_restarts: int, namespace: str,
-                  deployment: str):
-    cls = ray.remote(concurrency_groups={"health": 1})(KVShardActor)
-    return cls.options(num_cpus=num_cpus, max_restarts=max_restarts, name=kv_shard_name(deployment, shard_id),
-                       namespace=namespace).remote(shard_id, capacity_bytes)
-
-
 class RayKVClient:
     """The engine's KVStoreClient over shard actors: replicated, non-blocking writes; reads from the first
-    live replica. Acknowledged keys (all r copies stored) are counted for tests and metrics."""
+    live replica. Acknowledged keys (all r copies stored) are counted (`num_acked`) and the latest
+    MAX_ACKED_KEYS kept (`acked`) for tests and metrics."""
 
     def __init__(self, shards: dict[str, Any], replication: int = 2, timeout_s: float = 10.0) -> None:
-        self.shards = dict(shards)
+        self.shards = {sid: KVShardHandle(h, sid) for sid, h in shards.items()}
         self.ring = HashRing(list(shards), replication=replication)
         self.timeout_s = timeout_s
-        self._inflight: collections.deque = collections.deque()  # (key, [refs])
-        self.acked: list[bytes] = []
+        self._inflight: collections.deque = collections.deque()  # (key, [Reply])
+        self.acked: collections.deque[bytes] = collections.deque(maxlen=MAX_ACKED_KEYS)
+        self.num_acked = 0
         self.failed_writes = 0
 
     def set_shards(self, shards: dict[str, Any]) -> None:
@@ -84,12 +78,12 @@ class RayKVClient:
             self.ring.remove_shard(sid)
         for sid in set(shards) - set(self.shards):
             self.ring.add_shard(sid)
-        self.shards = dict(shards)
+        self.shards = {sid: KVShardHandle(h, sid) for sid, h in shards.items()}
 
     def put(self, key: bytes, data: bytes) -> None:
         ref = ray.put(data)  # one copy in the object store, shared by the r writes
-        refs = [self.shards[s].put.remote(key, ref) for s in self.ring.owners(key)]
-        self._inflight.append((key, refs))
+        replies = [self.shards[s].put(key, ref) for s in self.ring.owners(key)]
+        self._inflight.append((key, replies))
         self._reap()
 
     def num_inflight(self) -> int:
@@ -98,22 +92,25 @@ class RayKVClient:
 
     def _reap(self) -> None:
         while self._inflight:
-            key, refs = self._inflight[0]
+            key, replies = self._inflight[0]
+            refs = [r.ref for r in replies]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             if len(ready) < len(refs):
                 return
             self._inflight.popleft()
             try:
-                ray.get(refs)
+                for r in replies:
+                    r.result(0)
                 self.acked.append(key)
-            except _DEAD:
+                self.num_acked += 1
+            except ActorError:
                 self.failed_writes += 1
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait for every in-flight write (tests, shutdown)."""
         deadline = time.monotonic() + timeout_s
         while self._inflight and time.monotonic() < deadline:
-            _, refs = self._inflight[0]
+            refs = [r.ref for r in self._inflight[0][1]]
             ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
             self._reap()
 
@@ -129,8 +126,9 @@ class RayKVClient:
     def _get(self, key: bytes) -> bytes | None:
         for sid in self.ring.owners(key):
             try:
-                v = self.shards[sid].get.remote(key).future().result(timeout=self.timeout_s)
-            except _DEAD:
+                # a future, not ray.get: this runs on the step thread of an async actor
+                v = self.shards[sid].get(key).future().result(timeout=self.timeout_s)
+            except RAY_CALL_ERRORS:
                 continue
             if v is not None:
                 return v

@@ -26,7 +26,6 @@ class AutoscaleConfig(BaseModel):
     max_replicas: int = Field(1, ge=1, description="replicas per expert group, at most")
     target_utilization: float = Field(0.7, gt=0.0, le=1.0, description="busy fraction to aim for")
     downscale_factor: float = Field(0.5, gt=0.0, lt=1.0, description="cold below target * this")
-    max_queued_rows_per_replica: float = Field(1024.0, ge=0.0, description="hot above this many queued rows")
     upscale_delay_s: float = Field(30.0, ge=0.0)
     downscale_delay_s: float = Field(300.0, ge=0.0)
     cooldown_s: float = Field(60.0, ge=0.0, description="minimum time between two changes of one group")
@@ -51,6 +50,8 @@ class KVStoreConfig(BaseModel):
     shard_capacity_mb: float = Field(256.0, gt=0)
     max_inflight_writes: int = Field(64, ge=1)
     shard_num_cpus: float = Field(0.1, ge=0)
+    spill_dir: str | None = None  # evicted blocks spill to disk here (per shard, on the shard's node)
+    spill_capacity_mb: float | None = Field(None, gt=0, description="disk tier bound; None: unbounded")
 
     @model_validator(mode="after")
     def _check(self) -> KVStoreConfig:

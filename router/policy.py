@@ -4,8 +4,8 @@ Time is always passed in (`now`, seconds on any monotonic clock); nothing here r
 does I/O, so tests drive the policies with a fake clock.
 
 Autoscaling rule, per group with `current` replicas and measured `GroupStats`:
-- hot:  busy_fraction > target_utilization, or queued rows per replica > max_queued_rows_per_replica;
-- cold: busy_fraction < target_utilization * downscale_factor and nothing queued;
+- hot:  busy_fraction > target_utilization;
+- cold: busy_fraction < target_utilization * downscale_factor;
 - a group hot without a break for upscale_delay_s scales up to max(current + 1,
   ceil(current * busy_fraction / target_utilization)); cold for downscale_delay_s scales down by one replica
   (a drain is costly: one at a time);
@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from moeray.common.config import AutoscaleConfig  # noqa: F401 - re-exported: the policy's input
+from moeray.common.config import AutoscaleConfig  # the policy's input; config models live in common/
 
 # ---- health ---------------------------------------------------------------------------------------------
 
@@ -107,7 +107,6 @@ class GroupStats:
     """One expert group's load over the last measurement window, averaged over its replicas."""
 
     busy_fraction: float  # share of wall time the group's actors spent computing, in [0, 1]
-    queued_rows: float = 0.0  # rows waiting in the group's actors, summed over replicas
 
 
 @dataclass(slots=True)
@@ -159,10 +158,8 @@ def _decide_group(config: AutoscaleConfig, stats: GroupStats | None, replicas: i
     if stats is None:
         timer.hot_since = timer.cold_since = None
         return replicas
-    hot = (stats.busy_fraction > config.target_utilization
-           or stats.queued_rows / replicas > config.max_queued_rows_per_replica)
-    cold = (stats.busy_fraction < config.target_utilization * config.downscale_factor
-            and stats.queued_rows == 0)
+    hot = stats.busy_fraction > config.target_utilization
+    cold = stats.busy_fraction < config.target_utilization * config.downscale_factor
     timer.hot_since = (timer.hot_since if timer.hot_since is not None else now) if hot else None
     timer.cold_since = (timer.cold_since if timer.cold_since is not None else now) if cold else None
     # 3. respect the cool-down

@@ -29,10 +29,6 @@ def test_scale_up_jumps_proportionally():
     assert drive(GroupStats(busy_fraction=1.0), 2, [0, 10])[-1] == 4
 
 
-def test_queued_rows_count_as_hot():
-    assert drive(GroupStats(busy_fraction=0.3, queued_rows=5000), 1, [0, 10]) == [1, 2]
-
-
 def test_cooldown_separates_changes():
     # up at 10; hot again from 15 but the next change waits for the cool-down (until 30)
     assert drive(HOT, 1, [0, 10, 15, 25, 29.9, 30]) == [1, 2, 2, 2, 2, 4]
