@@ -24,6 +24,14 @@ def actor_options(device: str, num_cpus: float) -> dict[str, Any]:
     raise ConfigError(f"device: {device!r} is not one of cpu, gpu, npu")
 
 
+def device_type(device: str) -> str:
+    """The torch device type a placement computes on ("cuda", "npu", "cpu"), without touching the device."""
+    types = {"cpu": "cpu", "gpu": "cuda", "npu": "npu"}
+    if device not in types:
+        raise ConfigError(f"device: {device!r} is not one of cpu, gpu, npu")
+    return types[device]
+
+
 def torch_device(device: str, allow_cpu_fallback: bool = False) -> str:
     """Inside the actor: the torch device string for its placement (imports torch_npu only for NPUs)."""
     if device == "cpu":

@@ -1,7 +1,10 @@
 """ExpertGroupActor: the routed experts of some (layer, expert) slots, loaded from the checkpoint.
 
 Stateless apart from its weights: any replica holding a slot can serve it; slots can be loaded and unloaded
-at run time (rebalancing, draining). Arrays cross the object store as numpy (cheapest for Ray).
+at run time (rebalancing, draining). The weights live on the actor's torch device (from its placement) in the
+serving dtype (`dtype`, `auto` resolved on that device). Calls use the wire of moeray.engine.wire: rows arrive as
+one buffer in the wire dtype and are read in place; they move to the device once; the answer returns in the
+dtype the rows came in.
 """
 
 from __future__ import annotations
@@ -9,36 +12,31 @@ from __future__ import annotations
 import os
 import threading
 import time
-import warnings
 
 import numpy as np
 import ray
 import torch
 
 from moeray.actors.devices import actor_options, torch_device
+from moeray.engine.wire import from_wire, to_wire, unpack_pairs
 from moeray.models.checkpoint import Checkpoint, load_experts_into, new_expert_group
 from moeray.models.config import ModelConfig
-
-
-def as_tensor(a: np.ndarray) -> torch.Tensor:
-    """Zero-copy view of an object-store array. They are read-only; the expert math never writes its inputs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
+from moeray.models.dtypes import resolve_dtype
 
 
 class ExpertGroupActor:
     def __init__(self, model_path: str, slots: dict[int, list[int]], device: str = "cpu",
-                 allow_cpu_fallback: bool = False, torch_threads: int = 1, actor_id: int = 0,
-                 expert_quant: str = "none") -> None:
-        torch.set_num_threads(torch_threads)
+                 allow_cpu_fallback: bool = False, torch_threads: int | None = 1, actor_id: int = 0,
+                 dtype: str = "float32", expert_quant: str = "none") -> None:
+        torch.set_num_threads(torch_threads or 1)
         self.actor_id = actor_id
         self.device_kind = device
         self.device = torch_device(device, allow_cpu_fallback)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.model_path = model_path
         self.cfg = ModelConfig.from_pretrained(model_path)
         self.ckpt = Checkpoint(model_path, expert_quant)  # packed experts stay packed
-        self.group = new_expert_group(self.cfg, self.ckpt)
+        self.group = new_expert_group(self.cfg, self.ckpt, dtype=self.dtype, device=self.device)
         self.load_slots(slots)
         self._busy_s = 0.0
         self._rows = 0
@@ -46,15 +44,16 @@ class ExpertGroupActor:
         self._started = time.monotonic()
         self._lock = threading.Lock()
 
-    def forward(self, layer: int, x: np.ndarray, pair_rows: np.ndarray, slot_ids: np.ndarray,
-                weights: np.ndarray) -> np.ndarray:
-        """x [M, D] float32, pairs [P] -> [M, D] float32 (weighted expert outputs per row)."""
+    def forward(self, layer: int, x: np.ndarray, meta: np.ndarray) -> np.ndarray:
+        """x [M, D] rows in the wire dtype, meta [3, P] (pair rows, expert ids, weights; engine.wire) -> [M, D]
+        weighted expert outputs per row, in the wire dtype."""
         t0 = time.perf_counter()
-        out = self.group.forward(layer, as_tensor(x), as_tensor(pair_rows), as_tensor(slot_ids), as_tensor(weights))
+        pair_rows, expert_ids, weights = unpack_pairs(meta)
+        out = self.group.forward(layer, from_wire(x), pair_rows, expert_ids, weights)
         self._busy_s += time.perf_counter() - t0
         self._rows += int(pair_rows.shape[0])
         self._calls += 1
-        return out.numpy()
+        return to_wire(out)
 
     def load_slots(self, slots: dict[int, list[int]]) -> dict[int, list[int]]:
         """Load (layer -> expert ids) from the checkpoint; returns what is loaded now."""
@@ -76,17 +75,19 @@ class ExpertGroupActor:
     def stats(self) -> dict:
         """Load counters since start: busy seconds, rows (pairs) served, calls; node and device."""
         return {"actor_id": self.actor_id, "busy_s": self._busy_s, "rows": self._rows, "calls": self._calls,
-                "uptime_s": time.monotonic() - self._started, "device": self.device, "pid": os.getpid(),
+                "uptime_s": time.monotonic() - self._started, "device": str(self.device), "pid": os.getpid(),
+                "dtype": str(self.dtype).removeprefix("torch."), "placement": self.device_kind,
                 "node_id": ray.get_runtime_context().get_node_id(), "weight_bytes": self.group.nbytes()}
 
 
 def make_expert_actor(model_path: str, slots: dict[int, list[int]], actor_id: int, device: str, num_cpus: float,
                       allow_cpu_fallback: bool, torch_threads: int, max_restarts: int, name: str | None = None,
-                      namespace: str | None = None, expert_quant: str = "none"):
+                      namespace: str | None = None, dtype: str = "float32", expert_quant: str = "none"):
     """Start one expert-group actor placed per `device` (restartable: Ray re-runs __init__ on restart)."""
     opts = actor_options(device, num_cpus)
     opts.update(max_restarts=max_restarts, max_task_retries=0)
     if name:
         opts.update(name=name, namespace=namespace, lifetime=None)
     cls = ray.remote(concurrency_groups={"health": 1})(ExpertGroupActor).options(**opts)
-    return cls.remote(model_path, slots, device, allow_cpu_fallback, torch_threads, actor_id, expert_quant=expert_quant)
+    return cls.remote(model_path, slots, device, allow_cpu_fallback, torch_threads, actor_id, dtype,
+                      expert_quant=expert_quant)

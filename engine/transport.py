@@ -12,17 +12,31 @@ from typing import Any, Protocol
 
 import torch
 
+from moeray.common.errors import ExpertUnavailableError
 from moeray.experts.group import ExpertGroup
 from moeray.router.dispatch import combine, gather_inputs, plan_dispatch
 from moeray.router.table import RoutingTable
 
 
+class ExpertRowsFailed(ExpertUnavailableError):
+    """Some rows of a layer could not be computed (no live replica, or no answer in time). `output` [N, D] holds
+    every other row's result (zeros for the failed ones); `rows` [F] are the failed layer rows. The engine fails
+    only the requests owning them and keeps going."""
+
+    def __init__(self, message: str, output: torch.Tensor, rows: torch.Tensor) -> None:
+        super().__init__(message)
+        self.output, self.rows = output, rows
+
+
 class ExpertTransport(Protocol):
+    overlaps: bool  # does `submit` return before the experts finish (so micro-batches can hide the call)?
+
     def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Any:
         """Start the routed experts of `layer` on x [N, D] with ids/weights [N, K]; returns a handle."""
 
     def wait(self, handle: Any) -> torch.Tensor:
-        """The weighted routed-expert output [N, D] of a submitted call."""
+        """The weighted routed-expert output [N, D] of a submitted call; raises ExpertRowsFailed (carrying the
+        other rows' output) when some rows could not be computed."""
 
     def set_table(self, table: RoutingTable) -> None:
         """Use a new routing table from the next call on."""
@@ -48,6 +62,8 @@ class ExpertLoad:
 class LocalTransport:
     """Expert groups in this process, keyed by actor id as in the routing table."""
 
+    overlaps = False
+
     def __init__(self, groups: dict[int, ExpertGroup], table: RoutingTable) -> None:
         self.groups, self.table = groups, table
         self.load = ExpertLoad()
@@ -60,7 +76,7 @@ class LocalTransport:
         batches = plan_dispatch(ids, weights, self.table.layer_slots(layer), layer=layer)
         outs = [self.groups[b.actor_id].forward(layer, gather_inputs(x, b), b.pair_rows, b.slot_ids, b.weights)
                 for b in batches]
-        return combine(x.shape[0], x.shape[1], batches, outs, dtype=torch.float32)
+        return combine(x.shape[0], x.shape[1], batches, outs, dtype=x.dtype)  # the serving dtype (fp32: exact)
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
