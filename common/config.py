@@ -73,6 +73,7 @@ class ServeConfig(BaseModel):
     placement: Literal["round_robin", "blocks"] = "round_robin"
     device: Literal["cpu", "gpu", "npu"] = "cpu"
     allow_cpu_fallback: bool = False
+    gating_device: Literal["cpu", "gpu", "npu"] = "cpu"  # where the gating actors run attention, gate, shared experts
     # weights, KV cache and compute; auto: bfloat16 where the device computes it fast (GPU, NPU, CPUs with AMX or
     # AVX512-BF16), float32 elsewhere, decided at start-up (moeray.models.dtypes). float32 is exact.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -84,7 +85,9 @@ class ServeConfig(BaseModel):
     num_gating_actors: int = Field(1, ge=1)
     torch_threads: int = Field(1, ge=1)
     transport: Literal["ray", "local"] = "ray"
-    micro_batches: int = Field(1, ge=1, le=8)
+    # micro-batches per step, run as a ping-pong (one's attention while another's experts run); 0: chosen per
+    # step from the batch (2 for 8+ sequences on the ray transport, else 1)
+    micro_batches: int = Field(0, ge=0, le=8)
     block_size: int = Field(16, ge=1)
     kv_cache_blocks: int = Field(1024, ge=1)
     # the whole KV cache of one gating actor in bytes, all pools and prefill chunks included; replaces

@@ -42,7 +42,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         assert self.block_size > 0 and self.num_blocks > 0 and self.max_num_batched_tokens > 0
-        assert self.max_num_seqs > 0 and self.micro_batches >= 1
+        assert self.max_num_seqs > 0 and self.micro_batches >= 0  # 0: chosen per step (engine/runner.py)
 
 
 class RequestTooLargeError(RequestError):
@@ -148,7 +148,22 @@ class Engine:
                 self.prefix.load(self.cache, c.seq, c.seq.prefix_payloads)
             c.seq.prefix_payloads = None
         logits = self.runner.run(chunks)
+        if self.runner.failed:  # rows whose experts could not be computed: fail those requests only
+            return self._fail_chunks(chunks, logits, self.runner.failed)
         return self._postprocess(chunks, logits)
+
+    def _fail_chunks(self, chunks: list[ScheduledChunk], logits: torch.Tensor,
+                     failed: dict[int, str]) -> list[StepDelta]:
+        """Finish the requests of the `failed` chunks (chunk index -> why) with an error; postprocess the rest."""
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        deltas = []
+        for i, why in failed.items():
+            seq = chunks[i].seq
+            self._finish(seq, f"error: unavailable: {why}")
+            deltas.append(StepDelta(seq.request_id, [], None, f"error: unavailable: {why}", seq.num_cached_prefix))
+        keep = [j for j, i in enumerate(sampling) if i not in failed]
+        rest = [c for i, c in enumerate(chunks) if i not in failed]
+        return deltas + self._postprocess(rest, logits[keep])
 
     def _postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[StepDelta]:
         sampling = [c for c in chunks if c.samples]

@@ -1,21 +1,31 @@
 """Runs one scheduled batch through the dense part, the routed experts through the transport.
 
-The batch is flattened (all chunks' tokens in order) and optionally split into micro-batches: per layer,
-each micro-batch's attention and gate run, then its expert call is submitted; while the experts of one
-micro-batch run, the next micro-batch's attention and every micro-batch's shared expert are computed.
+The batch is flattened (all chunks' tokens in order) and optionally split into micro-batches that run as a
+ping-pong (MegaScale-Infer): each micro-batch is a flow through the layers that pauses at every MoE layer's
+expert call; while micro-batch A's experts run, B's attention, gate and shared expert run, and A's next layer
+starts as soon as A's experts answered (not when every micro-batch's have). `micro_batches=0` chooses from the
+step: 2 when the transport overlaps (remote experts) and the step has at least AUTO_MIN_SEQS sequences, else 1
+(splitting a tiny batch only adds calls).
+Rows whose experts could not be computed (ExpertRowsFailed) fail only their chunks: `failed` maps those chunks'
+indices to the reason after `run`; every other chunk's logits are exact.
 Legend: N = tokens in the batch, V = vocab, S = sequences sampled this step.
 """
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
 
 from moeray.engine.paged_cache import PagedKVCache
 from moeray.engine.scheduler import ScheduledChunk
-from moeray.engine.transport import ExpertTransport
+from moeray.engine.transport import ExpertRowsFailed, ExpertTransport
 from moeray.models.dense import SeqChunk
+
+
+AUTO_MIN_SEQS = 8  # micro_batches=0: split steps with at least this many sequences in two
 
 
 @dataclass(slots=True)
@@ -29,29 +39,66 @@ class ModelRunner:
     def __init__(self, dense: torch.nn.Module, cache: PagedKVCache, transport: ExpertTransport,
                  micro_batches: int = 1) -> None:
         self.dense, self.cache, self.transport = dense, cache, transport
-        self.micro_batches = micro_batches
+        self.micro_batches = micro_batches  # 0: chosen per step
+        self.failed: dict[int, str] = {}  # after run: chunk index -> why its rows could not be computed
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Compute the chunks' KV and return logits [S, V] for the chunks that sample, in chunk order."""
-        mbs = [self._micro_batch(part) for part in split_chunks(chunks, self.micro_batches)]
-        states = [self.dense.embed(mb.token_ids) for mb in mbs]
-        for layer in self.dense.layers:
-            pending = []
-            for i, mb in enumerate(mbs):
-                states[i] = layer.attention(states[i], mb.seqs)
-                x, ctx = layer.mlp_input(states[i])
-                if layer.is_moe:
-                    ids, w = layer.route(x, mb.token_ids)
-                    pending.append((i, x, ctx, self.transport.submit(layer.layer_id, x, ids, w)))
-                else:
-                    states[i] = layer.mlp_output(states[i], ctx, layer.dense_mlp(x))
-            for i, x, ctx, handle in pending:
-                shared = layer.shared(x)  # overlaps with the expert calls in flight
+        parts = split_chunks(chunks, self.num_micro_batches(chunks))
+        mbs = [self._micro_batch(part) for part in parts]
+        firsts = [sum(len(p) for p in parts[:i]) for i in range(len(parts))]  # index of each part's first chunk
+        self.failed = {}
+        states: list[torch.Tensor | None] = [None] * len(mbs)
+        flows = [self._flow(mb) for mb in mbs]
+        calls: collections.deque = collections.deque()  # (micro-batch, expert call) in submission order
+        for i in range(len(mbs)):
+            self._resume(i, flows[i], None, calls, states)
+        while calls:
+            i, handle = calls.popleft()
+            try:
                 y = self.transport.wait(handle)
-                states[i] = layer.mlp_output(states[i], ctx, y if shared is None else y + shared)
+            except ExpertRowsFailed as e:  # fail only the chunks owning these rows; the others keep going
+                y = e.output
+                self._fail_rows(parts[i], firsts[i], e.rows, str(e))
+            self._resume(i, flows[i], y, calls, states)
         rows = [self.dense.logits(s[mb.logit_rows]) for s, mb in zip(states, mbs, strict=True) if mb.logit_rows.numel()]
         return torch.cat(rows) if rows else torch.empty(0, self.dense.cfg.vocab_size)
+
+    def num_micro_batches(self, chunks: list[ScheduledChunk]) -> int:
+        if self.micro_batches:
+            return self.micro_batches
+        return 2 if getattr(self.transport, "overlaps", False) and len(chunks) >= AUTO_MIN_SEQS else 1
+
+    def _flow(self, mb: MicroBatch) -> Generator:
+        """One micro-batch through every layer: yields each MoE layer's expert call, is resumed with its output
+        [N, D], returns the final hidden states [N, D]."""
+        h = self.dense.embed(mb.token_ids)
+        for layer in self.dense.layers:
+            h = layer.attention(h, mb.seqs)
+            x, ctx = layer.mlp_input(h)
+            if not layer.is_moe:
+                h = layer.mlp_output(h, ctx, layer.dense_mlp(x))
+                continue
+            ids, w = layer.route(x, mb.token_ids)
+            handle = self.transport.submit(layer.layer_id, x, ids, w)
+            shared = layer.shared(x)  # computed while this call's experts run
+            y = yield handle
+            h = layer.mlp_output(h, ctx, y if shared is None else y + shared)
+        return h
+
+    @staticmethod
+    def _resume(i: int, flow: Generator, y: torch.Tensor | None, calls: collections.deque,
+                states: list[torch.Tensor | None]) -> None:
+        try:
+            calls.append((i, flow.send(y)))
+        except StopIteration as done:
+            states[i] = done.value
+
+    def _fail_rows(self, part: list[ScheduledChunk], first: int, rows: torch.Tensor, why: str) -> None:
+        ends = torch.tensor([c.num_tokens for c in part]).cumsum(0)  # [C] exclusive end row of each chunk
+        for j in torch.searchsorted(ends, rows, right=True).unique().tolist():
+            self.failed[first + j] = why
 
     def _micro_batch(self, chunks: list[ScheduledChunk]) -> MicroBatch:
         ids, seqs, logit_rows, off = [], [], [], 0
