@@ -50,6 +50,7 @@ from moeray.common.errors import (
     RequestError,
 )
 from moeray.common.sampling import SamplingParams, StepDelta
+from moeray.router.affinity import order_by_affinity
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +315,9 @@ class Frontend:
     async def _start(self, backends: list[Backend], request_id: str, prompt_ids: list[int], params):
         """Open the stream on the least-loaded backend that produces a first delta; fail over until one does."""
         last_error: BaseException | None = None
-        for backend in order_by_load(backends, next(self.counter)):
+        # cache-aware: the actor most likely to hold this prompt's prefix, bounded by load (router/affinity.py)
+        order = order_by_affinity(backends, prompt_ids) if len(backends) > 1 else backends
+        for backend in order:
             stream = None
             try:
                 stream = await _open_stream(backend, request_id, prompt_ids, params)

@@ -227,6 +227,7 @@ class GatingActor:
                     self.metrics.kv_hit_tokens.inc(d.num_cached_tokens)
         self.metrics.queue.set(len(self.engine.scheduler.waiting))
         self.metrics.running.set(len(self.engine.scheduler.running))
+        self.metrics.kv_cache(self.engine.blocks.cache_stats()["hit_rate"], self.engine.blocks.usage())
 
     def _push(self, item: tuple) -> None:
         with self._inbox_lock:

@@ -25,8 +25,20 @@ class GatingMetrics:
                                      tag_keys=("gating",))
         self.kv_written = Counter("moeray_kv_written_blocks_total", "blocks written to the KV store",
                                   tag_keys=("gating",))
-        for m in (self.ttft, self.itl, self.tokens, self.queue, self.running, self.kv_hit_tokens, self.kv_written):
+        self.prefix_hit_rate = Gauge("moeray_prefix_cache_hit_rate", "prompt tokens found in the gating actor's "
+                                     "own cache / prompt tokens looked up", tag_keys=("gating",))
+        self.kv_pool_bytes = Gauge("moeray_kv_pool_bytes", "KV cache bytes per pool: used, cached (evictable), free",
+                                   tag_keys=("gating", "pool", "state"))
+        for m in (self.ttft, self.itl, self.tokens, self.queue, self.running, self.kv_hit_tokens, self.kv_written,
+                  self.prefix_hit_rate, self.kv_pool_bytes):
             m.set_default_tags(tags)
+
+    def kv_cache(self, hit_rate: float, pools: dict[str, dict[str, int]]) -> None:
+        """The engine's prefix-cache hit rate and per-pool bytes (BlockManager.cache_stats / usage)."""
+        self.prefix_hit_rate.set(hit_rate)
+        for pool, st in pools.items():
+            for state in ("used", "cached", "free"):
+                self.kv_pool_bytes.set(st[f"{state}_bytes"], tags={"pool": pool, "state": state})
 
 
 class ControllerMetrics:
