@@ -43,6 +43,7 @@ class FleetState:
                                    desired.replicas)
         self._busy: dict[int, tuple[float, float]] = {}  # actor -> (busy_s, uptime_s) at the last stats
         self.busy_fraction: dict[int, float] = {}
+        self._out_s: dict[int, float] = {}  # actor -> how long it was unhealthy, until `readmitted` reads it
 
     # ---- persistence -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -80,7 +81,11 @@ class FleetState:
         """Apply one ping outcome: "readmit" (healthy again), "unhealthy" (just flipped), or None."""
         was = self.health.is_healthy(a)
         if ok:
-            return "readmit" if self.health.record_success(a, now) and not was else None
+            out_s = self.health.unhealthy_for_s(a, now)  # read before the success clears it
+            if self.health.record_success(a, now) and not was:
+                self._out_s[a] = out_s
+                return "readmit"
+            return None
         flipped = self.health.record_died(a, now) if gone else self.health.record_failure(a, now)
         if flipped:
             self.event("unhealthy", actor=a, dead=gone)
@@ -89,7 +94,7 @@ class FleetState:
 
     def readmitted(self, a: int, now: float) -> float:
         """Record a re-admission; returns how long the actor was out."""
-        since = self.health.unhealthy_for_s(a, now)
+        since = self._out_s.pop(a, self.health.unhealthy_for_s(a, now))
         self.recovery_s.append(since)
         self.event("readmitted", actor=a, unhealthy_s=round(since, 3))
         return since
