@@ -17,6 +17,7 @@ import random
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError as FastAPIValidationError
@@ -253,7 +254,7 @@ class OpenAIApp:
         if self.strict:
             raise invalid(ignored[0], f"{ignored[0]}: unknown field (the server runs with --strict-api)")
         logger.info("%s: ignoring unknown fields %s", endpoint, ", ".join(ignored))
-        return {IGNORED_HEADER: ",".join(ignored)}
+        return {IGNORED_HEADER: ",".join(quote(name, safe="") for name in ignored)}  # headers are ASCII
 
     async def _answer(self, request: Request, call: Call, body: SamplingBody, param, arrival_s: float) -> Response:
         try:
