@@ -13,7 +13,8 @@ context next to V3 MLA and MHA: a projection from the config), v4_measured (byte
 sequence in the running engine's cache pools at 4k and 32k tokens, tiny V4 with V4's proportions, next to the
 projection for that model; the longest prompt a fixed budget holds, pools vs every row kept), ttft (time to first
 token with a 1,024-token prefix shared with an earlier request: from the engine's own cache with the KV store
-off, and from the KV store in a fresh engine, vs cold).
+off, and from the KV store in a fresh engine, vs cold), routing (prefix hit rate of 2 gating engines routed by
+router/affinity.py vs least-loaded vs 1 engine).
 """
 
 from __future__ import annotations
@@ -374,12 +375,92 @@ def format_ttft(r: dict[str, Any]) -> str:
             f"({verdict(r['store_ratio'])}; goal <= {r['goal_ratio']})")
 
 
+# ---- cache-aware routing across gating actors ----------------------------------------------------------------
+def run_routing(args: argparse.Namespace) -> dict[str, Any]:
+    """Prefix hit rate with 2 gating engines routed by router/affinity.py vs by least load, against 1 engine:
+    32 requests sharing 4 long prefixes, KV store off. Engines run in process (qwen3_moe built by transformers,
+    local transport), stepped in turn; the router sees each engine's in-flight count, as the front end does. A
+    request arrives every `--arrival-steps` engine steps."""
+    import tempfile
+
+    import transformers as tf
+
+    from moeray.common import SamplingParams
+    from moeray.engine.engine import Engine, EngineConfig
+    from moeray.engine.transport import LocalTransport
+    from moeray.models.reference import ReferenceModel
+    from moeray.router.affinity import affinity_order, prefix_key
+    from moeray.router.table import RoutingTable
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    hf_cfg = tf.Qwen3MoeConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+                               num_experts_per_tok=2, moe_intermediate_size=128, max_position_embeddings=2048)
+    path = Path(tempfile.mkdtemp(prefix="moeray-routing-"))
+    tf.Qwen3MoeForCausalLM(hf_cfg).save_pretrained(path)
+    ref = ReferenceModel.from_pretrained(path, num_expert_groups=1)
+    table = RoutingTable.round_robin(list(ref.cfg.moe_layers), ref.cfg.num_experts, 1)
+    g = torch.Generator().manual_seed(args.seed)
+    prefixes = [torch.randint(0, 1024, (args.routing_prefix_tokens,), generator=g).tolist() for _ in range(4)]
+    order = torch.randperm(32, generator=g).tolist()
+    prompts = [prefixes[i % 4] + torch.randint(0, 1024, (16,), generator=g).tolist() for i in order]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    def run(num_engines: int, policy: str) -> dict[str, Any]:
+        engines = [Engine(ref.dense, LocalTransport({0: ref.groups[0]}, table),
+                          EngineConfig(block_size=16, num_blocks=1024, max_num_batched_tokens=512, max_num_seqs=8))
+                   for _ in range(num_engines)]
+        inflight = [0] * num_engines
+        owner: dict[str, int] = {}
+        cached = 0
+        pending, tick, rr = list(enumerate(prompts)), 0, 0
+        while pending or any(e.has_unfinished() for e in engines):
+            if pending and tick % args.arrival_steps == 0:
+                i, p = pending.pop(0)
+                if policy == "affinity":
+                    e = affinity_order(prefix_key(p), inflight)[0]
+                else:  # least loaded, ties rotating (order_by_load)
+                    e = min(range(num_engines), key=lambda k: (inflight[k], (k - rr) % num_engines))
+                    rr += 1
+                engines[e].add_request(f"r{i}", p, params)
+                owner[f"r{i}"], inflight[e] = e, inflight[e] + 1
+            tick += 1
+            for e in engines:
+                for d in e.step():
+                    if d.finish_reason is not None:
+                        inflight[owner[d.request_id]] -= 1
+                        cached += d.num_cached_tokens
+        total = sum(len(p) for p in prompts)
+        return {"engines": num_engines, "policy": policy, "hit_rate": cached / total,
+                "per_engine_requests": [sum(1 for o in owner.values() if o == k) for k in range(num_engines)]}
+
+    one = run(1, "single")
+    aff = run(2, "affinity")
+    least = run(2, "least_loaded")
+    return {"requests": 32, "prefixes": 4, "prefix_tokens": args.routing_prefix_tokens, "new_tokens": 16,
+            "arrival_steps": args.arrival_steps, "single": one, "affinity": aff, "least_loaded": least,
+            "affinity_over_single": aff["hit_rate"] / one["hit_rate"],
+            "least_loaded_over_single": least["hit_rate"] / one["hit_rate"], "goal": 0.9,
+            "hit_rate": "prompt tokens whose KV came from the engine's own cache / all prompt tokens"}
+
+
+def format_routing(r: dict[str, Any]) -> str:
+    verdict = "met" if r["affinity_over_single"] >= r["goal"] else "NOT met"
+    return (f"Prefix hit rate, {r['requests']} requests sharing {r['prefixes']} prefixes of {r['prefix_tokens']} "
+            f"tokens, KV store off: 1 engine {r['single']['hit_rate']:.3f}; 2 engines cache-aware "
+            f"{r['affinity']['hit_rate']:.3f} ({r['affinity_over_single']:.1%} of single, goal >= 90%: {verdict}; "
+            f"requests per engine {r['affinity']['per_engine_requests']}); 2 engines least-loaded "
+            f"{r['least_loaded']['hit_rate']:.3f} ({r['least_loaded_over_single']:.1%})")
+
+
 Section = tuple[str, Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], str]]
 SECTIONS: tuple[Section, ...] = (
     ("bytes_per_token", run_bytes_per_token, format_bytes_per_token),
     ("v4_context", run_v4_context, format_v4_context),
     ("v4_measured", run_v4_measured, format_v4_measured),
     ("ttft", run_ttft, format_ttft),
+    ("routing", run_routing, format_routing),
 )
 
 
@@ -395,6 +476,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads for the TTFT and v4_measured sections")
     p.add_argument("--v4-contexts", type=int, nargs="+", default=list(V4_MEASURED_CONTEXTS),
                    help="prompt lengths for v4_measured")
+    p.add_argument("--routing-prefix-tokens", type=int, default=512, help="shared prefix length (routing)")
+    p.add_argument("--arrival-steps", type=int, default=2, help="engine steps between arrivals (routing)")
     p.add_argument("--v4-budget-gib", type=int, default=64, help="fixed budget for the longest-prompt figure")
     p.add_argument("--sections", nargs="+", choices=names, default=names)
     return p.parse_args(argv)
