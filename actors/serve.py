@@ -75,6 +75,7 @@ def load_options(args: argparse.Namespace) -> ServeOptions:
         "tls_cert_path": args.tls_cert,
         "tls_key_path": args.tls_key,
         "max_in_flight": args.max_in_flight,
+        "strict_api": getattr(args, "strict_api", None),
     }
     frontend.update({k: v for k, v in overrides.items() if v is not None})
     if "auth_token" not in frontend and "auth_token_path" not in frontend and os.environ.get(TOKEN_ENV):

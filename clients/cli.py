@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_positive_int, help=f"gRPC port (default {DEFAULT_PORT}; 0 picks a free one)")
     serve.add_argument("--ray-address", help="join this Ray cluster (e.g. auto); default: start a local Ray")
     serve.add_argument("--http-port", type=_positive_int, help="also serve the HTTP API on this port")
+    serve.add_argument("--strict-api", action="store_true", default=None,
+                       help="HTTP API: refuse unknown request fields (default: ignore them as vLLM does, and list "
+                       "them in the x-moeray-ignored-fields response header)")
     serve.add_argument("--token-file", type=Path, help=f"require this bearer token (default: ${TOKEN_ENV} if set)")
     serve.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM); needs --tls-key")
     serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
