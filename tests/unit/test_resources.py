@@ -7,7 +7,7 @@ import pytest
 from moeray.actors.resources import ActorCounts, cpu_demand, fit_cpu_shares, shortfall
 from moeray.common.config import KVStoreConfig, ServeConfig
 
-# 4 groups x 2 replicas + 2 gating actors + 2 KV shards: 3.2 CPUs at the default shares
+# 8 expert actors + 2 gating actors + 2 KV shards: 3.2 CPUs at the default shares
 BIG = ActorCounts(experts=8, gating=2, kv_shards=2)
 
 
