@@ -1,6 +1,7 @@
 """Grouped expert GEMM benchmark: `ExpertGroup.forward` as a fraction of this machine's roofline.
 
     python -m moeray.bench.experts [--quick] [--out bench/results/experts.json] [--threads 1]
+    python -m moeray.bench.experts --packed [--num-experts 64]   # packed MXFP4/FP8 vs fp32/bf16 experts (tokens/s)
 
 Workload per case: T routed tokens, each choosing K = 2 distinct experts uniformly at random out of E (all E held
 by one group, one layer), so P = K * T (token, expert) pairs; SwiGLU experts of width D x I in fp32.
@@ -175,6 +176,93 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- packed (quantized) experts vs unquantized, in tokens/s (issue 14) -------------------------------------
+PACKED_TOKENS = (1, 16, 64, 512)
+PACKED_GOALS = {16: 1.0, 512: 0.5}  # tokens <= key: packed tokens/s >= goal x the unquantized experts'
+
+
+def packed_groups(sizes: Sizes, num_experts: int, gen: torch.Generator, layer: int = 0) -> dict[str, Any]:
+    """name -> a group holding the same random experts: fp32 and bf16 ExpertGroups (the unquantized peers) and
+    MXFP4 / FP8 (128x128 blocks) PackedExpertGroups computing in fp32 and in bf16 (the packed weights shared)."""
+    from moeray.experts.quant_formats import quantize_fp8_blocks, quantize_mxfp4
+    from moeray.experts.quantized import PackedExpert, PackedExpertGroup, PackedWeight
+
+    d, i = sizes.hidden, sizes.inter
+    raw = {e: [torch.randn(i, d, generator=gen) * d**-0.5, torch.randn(i, d, generator=gen) * d**-0.5,
+               torch.randn(d, i, generator=gen) * i**-0.5] for e in range(num_experts)}
+    groups: dict[str, Any] = {}
+    for dt, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        g = ExpertGroup(d, i, dtype=dt)
+        g.load(layer, {e: (torch.cat(w[:2]), w[2]) for e, w in raw.items()})
+        groups[label] = g
+    packers = {"mxfp4": (lambda w: PackedWeight(*quantize_mxfp4(w)), None),
+               "fp8": (lambda w: PackedWeight(*quantize_fp8_blocks(w, (128, 128))), (128, 128))}
+    for fmt, (pack, block) in packers.items():
+        experts = {e: PackedExpert(*[pack(w) for w in ws]) for e, ws in raw.items()}
+        for dt, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            g = PackedExpertGroup(d, i, dtype=dt, fmt=fmt, block=block)
+            g.load(layer, experts)
+            groups[f"{fmt}/{label}"] = g
+    return groups
+
+
+def run_packed(tokens: tuple[int, ...], sizes: Sizes, num_experts: int, threads: int, repeats: int,
+               seed: int = 0) -> dict[str, Any]:
+    """Tokens/s of every group of `packed_groups` at each routed-token count (top-2 of `num_experts`), all timed
+    in the same interleaved rounds; ratios against the fp32 and bf16 ExpertGroups of the same run."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            info = machine_info()
+            gen = torch.Generator().manual_seed(seed)
+            groups = packed_groups(sizes, num_experts, gen)
+            probes, work = {}, {}
+            for t in tokens:
+                case = Case(t, num_experts)
+                x = torch.randn(t, sizes.hidden, generator=gen)
+                pair_rows, expert_ids, weights = make_routing(case, gen)
+                for name, g in groups.items():
+                    probes[f"{name} T={t}"] = (lambda g=g, x=x, r=pair_rows, e=expert_ids, w=weights:
+                                               g.forward(0, x, r, e, w))
+                work[t] = int(expert_ids.unique().numel())
+            times = interleaved_times(probes, repeats, warmup=2)
+    finally:
+        torch.set_num_threads(prev)
+    rows = []
+    for t in tokens:
+        med = {name: statistics.median(times[f"{name} T={t}"]) for name in groups}
+        row = {"tokens": t, "experts_hit": work[t], "tokens_per_s": {n: t / s for n, s in med.items()},
+               "median_s": med}
+        for fmt in ("mxfp4", "fp8"):
+            for label in ("fp32", "bf16"):
+                row[f"{fmt}/{label}_vs_{label}"] = med[label] / med[f"{fmt}/{label}"]
+        rows.append(row)
+    return {"bench": "experts_packed", "machine": info, "threads": threads, "repeats": repeats,
+            "sizes": asdict(sizes), "num_experts": num_experts,
+            "weight_bytes_per_expert": {n: g.nbytes() // num_experts for n, g in groups.items()},
+            "goals": {f"tokens<={k}": v for k, v in PACKED_GOALS.items()}, "rows": rows}
+
+
+def format_packed(result: dict[str, Any]) -> str:
+    s, bpe = result["sizes"], result["weight_bytes_per_expert"]
+    names = list(bpe)
+    lines = [f"packed vs unquantized experts, D={s['hidden']} I={s['inter']}, top-2 of {result['num_experts']}, "
+             f"{result['threads']} thread(s), median of {result['repeats']} interleaved rounds; load avg "
+             f"{result['machine']['load_avg_1m']}",
+             "bytes per expert: " + ", ".join(f"{n} {bpe[n] / 2**20:.2f} MiB" for n in names),
+             f"{'tokens':>6} " + "".join(f"{n + ' tok/s':>16}" for n in names)]
+    for r in result["rows"]:
+        lines.append(f"{r['tokens']:>6} " + "".join(f"{r['tokens_per_s'][n]:>16.1f}" for n in names))
+    lines.append(f"{'tokens':>6} " + "".join(f"{k:>18}" for k in ("mxfp4/fp32 vs fp32", "mxfp4/bf16 vs bf16",
+                                                                     "fp8/fp32 vs fp32", "fp8/bf16 vs bf16")))
+    for r in result["rows"]:
+        lines.append(f"{r['tokens']:>6} " + "".join(f"{r[k]:>17.2f}x" for k in (
+            "mxfp4/fp32_vs_fp32", "mxfp4/bf16_vs_bf16", "fp8/fp32_vs_fp32", "fp8/bf16_vs_bf16")))
+    lines.append("goals (issue 14): packed >= 1.0x the unquantized experts at <= 16 tokens, >= 0.5x at 512")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m moeray.bench.experts", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="4 cases, 3 rounds, a smaller copy probe")
@@ -184,6 +272,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--inter", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--packed", action="store_true", help="packed MXFP4/FP8 experts vs fp32/bf16 in tokens/s instead")
+    p.add_argument("--num-experts", type=int, default=64, help="experts held (--packed)")
     return p.parse_args(argv)
 
 
@@ -191,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = Sizes(args.hidden, args.inter, copy_mib=64 if args.quick else 256)
     repeats = args.repeats or (3 if args.quick else 15)
+    if args.packed:
+        result = run_packed(PACKED_TOKENS, sizes, args.num_experts, args.threads, repeats, args.seed)
+        print(format_packed(result))
+        write_json(args.out.with_name(args.out.stem + "_packed.json"), result)
+        return 0
     result = run(QUICK_CASES if args.quick else FULL_CASES, sizes, args.threads, repeats, args.seed)
     print(format_table(result))
     write_json(args.out, result)

@@ -2,13 +2,15 @@
 transformers reference (same run), and a per-layer expert-load heatmap on the validation plays (PNG).
 
     python -m moeray.bench.quality [--model models/demo_model] [--max-tokens 8192] [--out bench/results/quality.json]
+                                   [--expert-quant int8 fp8 mxfp4] [--sample]
 
 Method: the held-out plays (see the model's training_info.json) are tokenized and cut into windows of
 `--window` tokens. The reference is transformers' DeepseekV3ForCausalLM over each whole window. Through moeray,
 each window's first half is prefilled, its KV cache is encoded with the codec and decoded again (what a block
 fetched from the KV store holds), and the second half is computed over that cache; perplexity is measured on
 the second halves for every path, so the codecs are compared on exactly the tokens whose attention reads
-restored KV. The heatmap counts routed (token, expert) pairs per MoE layer over all windows.
+restored KV. The heatmap counts routed (token, expert) pairs per MoE layer over all windows. `experts_<q>` rows
+are the same model with its routed experts quantized on load (`expert_quant: q`, held packed), exact KV.
 """
 
 from __future__ import annotations
@@ -113,17 +115,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from moeray.models.reference import ReferenceModel
 
     torch.set_num_threads(args.threads)
-    ids = validation_ids(args.model, args.max_tokens)
+    if args.sample:
+        ids = json.loads((args.model / "validation_sample.json").read_text())["token_ids"][:args.max_tokens]
+    else:
+        ids = validation_ids(args.model, args.max_tokens)
     wins = windows(ids, args.window)
     ref = ReferenceModel.from_pretrained(args.model)
     hf = tf.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     load = {layer: torch.zeros(ref.cfg.num_experts, dtype=torch.long) for layer in ref.cfg.moe_layers}
-    totals = {"reference": [0.0, 0]} | {c: [0.0, 0] for c in CODECS}
+    # routed experts quantized on load (expert_quant), each scored with the exact (`none`) KV codec
+    quant = {f"experts_{q}": ReferenceModel.from_pretrained(args.model, expert_quant=q) for q in args.expert_quant}
+    totals = {"reference": [0.0, 0]} | {c: [0.0, 0] for c in CODECS} | {k: [0.0, 0] for k in quant}
     t0 = time.time()
     for i, w in enumerate(wins):
         for name in totals:
             if name == "reference":
                 nll, n = reference_half_nll(hf, w)
+            elif name in quant:
+                nll, n = moeray_half_nll(quant[name], w, "none", None)
             else:
                 nll, n = moeray_half_nll(ref, w, name, load if name == "none" else None)
             totals[name][0] += nll
@@ -136,7 +145,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     heatmap(load, png)
     return {"model": str(args.model), "tokens": sum(len(w) for w in wins), "windows": len(wins),
             "window": args.window, "perplexity": ppl,
-            "change_vs_reference": {k: ppl[k] / ppl["reference"] - 1 for k in CODECS},
+            "change_vs_reference": {k: ppl[k] / ppl["reference"] - 1 for k in (*CODECS, *quant)},
+            "expert_weight_bytes": {"none": ref.groups[0].nbytes()}
+            | {k: m.groups[0].nbytes() for k, m in quant.items()},
             "heatmap_png": str(png),
             "expert_load": {str(k): v.tolist() for k, v in load.items()}}
 
@@ -167,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
+    p.add_argument("--expert-quant", nargs="*", default=["int8", "fp8", "mxfp4"], choices=["int8", "fp8", "mxfp4"],
+                   help="also score the model with its routed experts quantized on load in these formats")
+    p.add_argument("--sample", action="store_true",
+                   help="score the bundled validation_sample.json token ids (no download) instead of the full plays")
     p.add_argument("--write-sample", type=int, default=0, metavar="N",
                    help="only write the first N validation token ids to MODEL/validation_sample.json (what the "
                         "bundled-model test reads, so tests need no download) and exit")

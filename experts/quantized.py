@@ -4,16 +4,20 @@
 each expert as published: w1 (gate) [I, D], w3 (up) [I, D], w2 (down) [D, I] codes plus their scales, so an
 expert actor's bytes are the checkpoint's bytes. The compute, per expert hit:
 
-- `fp8`, `mxfp4`: dequantize the weight tile by tile (TILE_ELEMS elements: ~4 MB in fp32, so a tile stays in
-  cache between its decode and its GEMM) into a reused buffer in the compute dtype, and run the GEMM of the
-  expert's rows on each tile — a per-block dequantize inside the GEMM, in torch. The decode of a tile is exact
-  (fp8 / e2m1 code x scale in float32), so in float32 the result equals the dequantized model's up to the
-  GEMM's summation order.
-- `int8`: torch's weight-only int8 kernel (`torch._weight_int8pack_mm`, per-row scales) — no decode at all.
+- `fp8`, `mxfp4`, one or two rows (decode): a numba kernel that decodes each stored byte through a table in L1
+  and multiplies it in place — the packed weights are read once, nothing is materialized
+  (experts/quant_kernels.py).
+- `fp8`, `mxfp4`, more rows: dequantize the weight tile by tile (TILE_ELEMS elements, ~4 MB in fp32, so a tile
+  stays in cache between its decode and its GEMM; one table gather per two stored bytes, then the scales) into
+  a reused buffer in the compute dtype, and run MKL's GEMM on each tile — a per-block dequantize inside the GEMM.
+- `int8`: torch's weight-only int8 kernel (`torch._weight_int8pack_mm`, per-row scales): no decode at all.
 
-No fused FP8/FP4 CPU GEMM exists in torch (its CPU `_scaled_mm` quantizes the activations too, which the
-1e-4 protocol forbids), torchao's MX kernels target CUDA, and kt-kernel ships its own AMX build of a whole MoE
-layer; see the README ("Serving DeepSeek from the hub files") for the choice and its measured cost.
+Every decode is exact (a code value times its scale), so in float32 the result equals the dequantized model's
+up to summation order. torch has no fused FP8/FP4 CPU GEMM (its CPU `_scaled_mm` quantizes the activations too,
+which the 1e-4 protocol forbids); torchao's MX inference GEMMs are cuBLAS/CUTLASS (CUDA; elsewhere it emulates
+by dequantizing); kt-kernel's CPU backends take FP8, BF16 or INT4 (not MXFP4) for whole MoE layers in their own
+thread pool, not per-slot groups loaded and unloaded at run time (not tried). See the README ("Serving DeepSeek
+from the hub files") for the measured cost.
 
 Legend: M = rows sent, P = (row, expert) pairs, D = hidden, I = expert intermediate, c = rows of one expert.
 """
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeray.experts import quant_kernels
 from moeray.experts.group import SMALL_ROWS
 from moeray.experts.quant_formats import MX_GROUP, e2m1_lut, scale_to_float
 
@@ -76,7 +81,7 @@ class PackedExpertGroup:
         self.hidden, self.inter, self.swiglu_limit = hidden, inter, swiglu_limit
         self.dtype, self.device, self.fmt, self.block = dtype, torch.device(device), fmt, block
         self._layers: dict[int, dict[int, PackedExpert]] = {}
-        self._lut = e2m1_lut(dtype).to(self.device)
+        self._lut = _pair_lut(fmt, dtype).to(self.device) if fmt != "int8" else None
         self._local = threading.local()  # per-thread decode buffers (local transports may call from threads)
 
     # ---- slots ---------------------------------------------------------------------------------------
@@ -160,14 +165,17 @@ class PackedExpertGroup:
         """xs [c, K] @ W.t() for a packed W [N, K] -> [c, N]."""
         if self.fmt == "int8":
             return torch._weight_int8pack_mm(xs.contiguous(), w.codes, w.scale.to(self.dtype))
+        if (xs.shape[0] <= quant_kernels.FUSED_MAX_ROWS and self.device.type == "cpu"
+                and quant_kernels.available()):
+            return quant_kernels.gemm_packed(xs, self.fmt, w.codes, w.scale, self.block).to(self.dtype)
         n, k = w.codes.shape[0], xs.shape[1]
         out = torch.empty(xs.shape[0], n, dtype=self.dtype, device=self.device)
         rows_per_tile = self._tile_rows(n, k)
-        buf = self._buffer(rows_per_tile * k)
+        tile_buf, idx_buf = self._buffers(rows_per_tile * k)
         for r0 in range(0, n, rows_per_tile):
             r1 = min(n, r0 + rows_per_tile)
-            tile = buf[:(r1 - r0) * k].view(r1 - r0, k)
-            self._decode(w, r0, r1, tile)
+            tile = tile_buf[:(r1 - r0) * k].view(r1 - r0, k)
+            self._decode(w, r0, r1, tile, idx_buf)
             # few rows: W @ x.t() is MKL's fast form (as in ExpertGroup); many rows: x @ W.t()
             out[:, r0:r1] = torch.mm(tile, xs.t()).t() if xs.shape[0] <= SMALL_ROWS else torch.mm(xs, tile.t())
         return out
@@ -179,28 +187,50 @@ class PackedExpertGroup:
             rows = max(bo, rows // bo * bo)
         return min(n, rows)
 
-    def _buffer(self, numel: int) -> torch.Tensor:
-        buf = getattr(self._local, "buf", None)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=self.dtype, device=self.device)
-            self._local.buf = buf
-        return buf
+    def _buffers(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(decoded tile [numel] in the compute dtype, table indices) reused across calls: fresh large
+        allocations page-fault on every call (measured 5x slower decode)."""
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None or bufs[0].numel() < numel:
+            bufs = (torch.empty(numel, dtype=self.dtype, device=self.device),
+                    torch.empty(numel, dtype=torch.int32, device=self.device))
+            self._local.bufs = bufs
+        return bufs
 
-    def _decode(self, w: PackedWeight, r0: int, r1: int, tile: torch.Tensor) -> None:
-        """Rows r0:r1 of W, dequantized into tile [r1 - r0, K] (exact: code x scale in float32, then dtype)."""
-        k = tile.shape[1]
+    def _decode(self, w: PackedWeight, r0: int, r1: int, tile: torch.Tensor, idx_buf: torch.Tensor) -> None:
+        """Rows r0:r1 of W, dequantized into tile [r1 - r0, K]: code values by one table gather per two stored
+        bytes (exact), then times the scales."""
+        rows, k = tile.shape
+        codes = w.codes[r0:r1].reshape(-1)
+        if codes.numel() % 2:  # an odd number of fp8 codes: no byte pairs (tiny odd shapes only)
+            tile.copy_(w.codes[r0:r1])
+        else:
+            pairs = codes.view(torch.int16)  # two stored bytes per table index
+            idx = idx_buf[:pairs.numel()]
+            idx.copy_(pairs).bitwise_and_(0xFFFF)
+            torch.index_select(self._lut, 0, idx, out=tile.view(-1).view(self._lut.dtype))
         if self.fmt == "mxfp4":
-            idx = w.codes[r0:r1].reshape(-1).view(torch.uint8).to(torch.int32)
-            vals = self._lut.index_select(0, idx).view(r1 - r0, k // MX_GROUP, MX_GROUP)
             s = scale_to_float(w.scale[r0:r1]).to(self.dtype)
-            torch.mul(vals, s[:, :, None], out=tile.view(r1 - r0, k // MX_GROUP, MX_GROUP))
+            tile.view(rows, k // MX_GROUP, MX_GROUP).mul_(s[:, :, None])
             return
         bo, bi = self.block
         s = scale_to_float(w.scale[r0 // bo: -(-r1 // bo)])  # [tile blocks, ceil(K/bi)]
-        s = s.repeat_interleave(bo, 0)[:r1 - r0].to(self.dtype)  # [rows, ceil(K/bi)]
-        tile.copy_(w.codes[r0:r1])
+        s = s.repeat_interleave(bo, 0)[:rows].to(self.dtype)  # [rows, ceil(K/bi)]
         full = k // bi
         if full:
             tile[:, :full * bi].unflatten(1, (full, bi)).mul_(s[:, :full, None])
         if full * bi < k:
             tile[:, full * bi:].mul_(s[:, full:full + 1])
+
+
+_ELEM_OF_BYTES = {4: torch.int32, 8: torch.int64, 16: torch.complex128}
+
+
+def _pair_lut(fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """Table: a little-endian pair of stored bytes (as an index 0..65535) -> their decoded values in `dtype`
+    (mxfp4: 4 e2m1 values, low nibble first; fp8: 2 e4m3 values), one table element per index."""
+    b = torch.arange(256, dtype=torch.uint8)
+    per_byte = e2m1_lut(torch.float32) if fmt == "mxfp4" else b.view(torch.float8_e4m3fn).float()[:, None]
+    idx = torch.arange(65536)
+    vals = torch.cat([per_byte[idx & 255], per_byte[idx >> 8]], dim=1).to(dtype).contiguous()  # [65536, 2 or 4]
+    return vals.view(_ELEM_OF_BYTES[vals.shape[1] * vals.element_size()]).reshape(-1)
