@@ -89,7 +89,7 @@ class GatingActor:
             kv = self.config.kv_store
             self.kv_client = RayKVClient(dict(kv_shards), kv.replication)
             prefix = PrefixCache(self.kv_client, self.config.block_size, model_id(self.config.model), kv.codec,
-                                 kv.max_inflight_writes)
+                                 kv.max_inflight_writes, background=True)  # store I/O off the step thread
         self.engine = Engine(dense, transport, engine_config(self.config),
                              decode=(lambda ids: tok.decode(ids)) if tok is not None else None, prefix=prefix)
         self._inbox: collections.deque = collections.deque()
@@ -173,7 +173,7 @@ class GatingActor:
         """Wait for in-flight KV-store writes; returns the number of acknowledged blocks."""
         if self.kv_client is None:
             return 0
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.kv_client.flush)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.prefix.flush)
         return self.kv_client.num_acked
 
     async def acked_keys(self) -> list[bytes]:

@@ -115,11 +115,35 @@ class RayKVClient:
             self._reap()
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """One batched call per shard, all in flight together; keys a replica lacks (or whose shard is dead) are
+        asked of their next replica in one more round. Stops at the first key no replica has."""
+        found: dict[bytes, bytes] = {}
+        todo = list(dict.fromkeys(keys))
+        for replica in range(self.ring.replication):
+            by_shard: dict[str, list[bytes]] = {}
+            for k in todo:
+                owners = self.ring.owners(k)
+                if replica < len(owners):
+                    by_shard.setdefault(owners[replica], []).append(k)
+            replies = {sid: self.shards[sid].get_many(ks) for sid, ks in by_shard.items()}
+            todo = []
+            for sid, reply in replies.items():
+                try:
+                    # a future, not ray.get: this runs off the event loop of an async actor
+                    values = reply.future().result(timeout=self.timeout_s)
+                except RAY_CALL_ERRORS:
+                    values = [None] * len(by_shard[sid])
+                for k, v in zip(by_shard[sid], values, strict=True):
+                    if v is None:
+                        todo.append(k)
+                    else:
+                        found[k] = v
+            if not todo:
+                break
         out: list[bytes | None] = []
         for k in keys:
-            v = self._get(k)
-            out.append(v)
-            if v is None:
+            out.append(found.get(k))
+            if out[-1] is None:
                 break
         return out
 

@@ -80,7 +80,8 @@ class Engine:
         self.cache, self.blocks = build_kv_cache(dense.cache_spec(), config, prefix, next(dense.parameters()).dtype)
         self.prefix = prefix
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs,
-                                   prefix_lookup=prefix.lookup if prefix is not None else None)
+                                   prefix_lookup=prefix.lookup if prefix is not None else None,
+                                   prefix_prefetch=prefix.prefetch if prefix is not None else None)
         self.runner = ModelRunner(dense, self.cache, transport, config.micro_batches)
         self.transport = transport
         self.decode = decode

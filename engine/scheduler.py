@@ -33,9 +33,11 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 prefix_lookup: Callable[[Sequence, int], list] | None = None) -> None:
+                 prefix_lookup: Callable[[Sequence, int], list] | None = None,
+                 prefix_prefetch: Callable[[Sequence], None] | None = None) -> None:
         self.blocks = blocks
         self.prefix_lookup = prefix_lookup  # (seq, first block) -> stored blocks from there on (KV store)
+        self.prefix_prefetch = prefix_prefetch  # starts that lookup early, off the step thread
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -43,6 +45,8 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        if self.prefix_prefetch is not None:
+            self.prefix_prefetch(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -114,6 +118,8 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0
         seq.prefix_payloads = None  # look the store up again at re-admission
+        if self.prefix_prefetch is not None:
+            self.prefix_prefetch(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

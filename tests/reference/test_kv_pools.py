@@ -166,3 +166,27 @@ def test_dense_family_shares_prefixes_locally():
     assert out.num_cached_tokens == 128
     hf = load_family_hf("qwen3_moe")
     assert teacher_forcing_failures(hf_logits(hf, b + out.token_ids), len(b), out.token_ids) == []
+
+
+def test_background_store_io_gives_the_same_blocks(ref):
+    """Prefetched lookups and write-through on I/O threads (the gating actor's mode) match the in-step ones."""
+    shared = prompt(64, 50)
+    prompts = [shared + prompt(9, 51), shared + prompt(20, 52)]
+
+    def run(background):
+        store = ShardStore(64 << 20)
+        first = engine(ref, num_blocks=64, prefix=PrefixCache(LocalKVClient(store), BLOCK, "tiny-v4a", "none",
+                                                              background=background))
+        first.generate([prompts[0]], greedy(4))
+        first.prefix.flush()  # every handed-over block reached the store
+        second = engine(ref, num_blocks=64, prefix=PrefixCache(LocalKVClient(store), BLOCK, "tiny-v4a", "none",
+                                                               background=background))
+        outs = second.generate(prompts, greedy(6))
+        return store, second, outs
+
+    sync_store, _, sync_outs = run(False)
+    bg_store, eng, bg_outs = run(True)
+    assert sorted(sync_store.keys()) == sorted(bg_store.keys())
+    assert [o.token_ids for o in bg_outs] == [o.token_ids for o in sync_outs]
+    assert [o.num_cached_tokens for o in bg_outs] == [64, 64]
+    assert eng.prefix.stats.prefetched >= 1
