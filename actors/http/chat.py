@@ -7,9 +7,10 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moeray.common.api import Backend
+if TYPE_CHECKING:
+    from moeray.actors.frontend import Backend
 
 
 class ChatTemplate:

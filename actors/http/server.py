@@ -10,11 +10,10 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from moeray.actors.frontend import Frontend
+from moeray.actors.frontend import Backend, Frontend, FrontendConfig
 from moeray.actors.http.app import OpenAIApp
 from moeray.actors.http.chat import ChatTemplate, model_dir
 from moeray.actors.http.schemas import APIError
-from moeray.common.api import Backend, FrontendConfig
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import openai
 import pytest
 from support.waiting import wait_until
 
+from moeray.actors.frontend import FrontendConfig
 from moeray.actors.http import serve_http
-from moeray.common.api import FrontendConfig
 from moeray.common.sampling import SamplingParams
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"

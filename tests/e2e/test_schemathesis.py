@@ -10,8 +10,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
+from moeray.actors.frontend import FrontendConfig
 from moeray.actors.http import serve_http
-from moeray.common.api import FrontendConfig
 
 EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "15"))
 

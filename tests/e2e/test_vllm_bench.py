@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from moeray.actors.frontend import FrontendConfig
 from moeray.actors.http import serve_http
-from moeray.common.api import FrontendConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,9 +15,8 @@ import openai
 import pytest
 from support.loop import LoopThread
 
-from moeray.actors.frontend import Frontend
+from moeray.actors.frontend import Frontend, FrontendConfig
 from moeray.actors.http import ChatTemplate, serve_http
-from moeray.common.api import FrontendConfig
 from moeray.common.errors import BackendUnavailableError
 from moeray.common.sampling import StepDelta
 

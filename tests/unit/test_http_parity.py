@@ -10,8 +10,8 @@ import pytest
 from support.loop import LoopThread
 from test_http_api import WORDS, FakeBackend
 
+from moeray.actors.frontend import FrontendConfig
 from moeray.actors.http import serve_http
-from moeray.common.api import FrontendConfig
 from moeray.common.sampling import StepDelta
 
 ALTERNATIVES = [(ord("q"), -0.1), (ord("x"), -0.2), (ord("z"), -0.3), (ord("j"), -0.4)]  # never sampled
