@@ -182,9 +182,9 @@ class PagedKVCache:
     # ---- block payloads for the KV store ------------------------------------------------------------
     def block_rows(self, pool: PoolSpec, block: int) -> tuple[int, int]:
         """Rows of block `block` a stored block carries for `pool`: all of them for a full pool; for a window
-        pool the last min(window, B) (what resuming at the next block boundary reads)."""
+        pool the last min(window - 1, B) (what a query at the next block boundary reads besides its own row)."""
         b, tpr = self.block_size, pool.tokens_per_row
-        lo = block * b if not pool.window else (block + 1) * b - min(pool.window, b)
+        lo = block * b if not pool.window else (block + 1) * b - min(max(pool.window - 1, 1), b)
         return lo // tpr, (block + 1) * b // tpr
 
     def read_block(self, blocks: SeqBlocks, block: int) -> list[dict[str, torch.Tensor]]:

@@ -6,7 +6,7 @@
   of following blocks present in the store is fetched and written into the sequence's fresh pages instead of
   being recomputed. At least one token is always left to compute (its logits give the next token). A stored
   block carries every full pool's rows of the block and, of each windowed tensor, the block's last
-  min(window, B) rows: what a query at the next block boundary reads (paged_cache.PagedKVCache.block_rows).
+  min(window - 1, B) rows: what a query at the next block boundary reads (paged_cache.PagedKVCache.block_rows).
 - Write-through: after each step, blocks that became complete are encoded with the codec and handed to the
   store client, which writes them asynchronously; at most `max_inflight` writes are pending; beyond that a
   write is dropped (counted), never waited for: the step never blocks on the store.

@@ -2,11 +2,13 @@
 budgets, the local prefix cache (sharing, LRU eviction never handing out a page still in use)."""
 
 import pytest
+import torch
 
 from moeray.common import SamplingParams
 from moeray.engine.block_manager import BlockManager, KVBudgetError, size_pools
-from moeray.engine.paged_cache import plan_pools
+from moeray.engine.paged_cache import PagedKVCache, plan_pools
 from moeray.engine.sequence import Sequence
+from moeray.kvstore.codec import decode_block, encode_block
 from moeray.kvstore.spec import CacheTensorSpec, LayerCacheSpec, ModelCacheSpec, gqa_spec
 
 B = 16
@@ -111,3 +113,27 @@ def test_eviction_under_pressure_never_takes_a_page_in_use():
     assert not shared & set(c.block_table.tables[0])
     assert bm.stats.evicted_pages == 1
     assert not bm.can_allocate(seq([4] * 20, "d"), 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_stored_block_round_trips_bit_exactly_in_the_cache_dtype(dtype):
+    """read_block -> `none` codec -> write_block into another sequence's pages gives back the stored bytes."""
+    pools = plan_pools(V4ISH, B)
+    cache = PagedKVCache(V4ISH, pools, [8, 64], B, dtype=dtype)
+    bm = BlockManager(pools, [8, 64], B, dtype.itemsize, prefix_caching=False)
+    a, b = seq(range(40), "a"), seq(range(40), "b")
+    bm.allocate(a, 32)
+    g = torch.Generator().manual_seed(0)
+    view = cache.view(a.block_table)
+    for layer_id, layer in enumerate(V4ISH.layers):
+        for t in layer.tensors:
+            rows = 32 // t.tokens_per_row
+            view.layer(layer_id).write(t.name, 0, torch.randn((rows, *t.row_shape), generator=g))
+    stored = decode_block(encode_block(cache.read_block(a.block_table, 1), "none"))
+    bm.allocate(b, 33, start=32)  # b resumes at the boundary: window rows 25..31 and every compressed row
+    cache.write_block(b.block_table, 1, stored)
+    again = cache.read_block(b.block_table, 1)
+    for x, y in zip(stored, again):
+        for name in x:
+            assert x[name].dtype == dtype and torch.equal(x[name].view(torch.uint8), y[name].view(torch.uint8))
+    assert {n: x.shape[0] for n, x in again[1].items()} == {"kv": 7, "comp": 4, "comp_raw": 7}
