@@ -8,8 +8,9 @@ expert actor's bytes are the checkpoint's bytes. The compute, per expert hit:
   and multiplies it in place — the packed weights are read once, nothing is materialized
   (experts/quant_kernels.py).
 - `fp8`, `mxfp4`, more rows: dequantize the weight tile by tile (TILE_ELEMS elements, ~4 MB in fp32, so a tile
-  stays in cache between its decode and its GEMM; one table gather per two stored bytes, then the scales) into
-  a reused buffer in the compute dtype, and run MKL's GEMM on each tile — a per-block dequantize inside the GEMM.
+  stays in cache between its decode and its GEMM; numba's one-pass decode, or without numba one table gather per
+  two stored bytes, then the scales) into a reused buffer in the compute dtype, and run MKL's GEMM on each
+  tile — a per-block dequantize inside the GEMM.
 - `int8`: torch's weight-only int8 kernel (`torch._weight_int8pack_mm`, per-row scales): no decode at all.
 
 Every decode is exact (a code value times its scale), so in float32 the result equals the dequantized model's
@@ -197,10 +198,23 @@ class PackedExpertGroup:
             self._local.bufs = bufs
         return bufs
 
+    def _f32_tile(self, numel: int) -> torch.Tensor:
+        buf = getattr(self._local, "f32", None)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=torch.float32)
+            self._local.f32 = buf
+        return buf[:numel]
+
     def _decode(self, w: PackedWeight, r0: int, r1: int, tile: torch.Tensor, idx_buf: torch.Tensor) -> None:
-        """Rows r0:r1 of W, dequantized into tile [r1 - r0, K]: code values by one table gather per two stored
-        bytes (exact), then times the scales."""
+        """Rows r0:r1 of W, dequantized into tile [r1 - r0, K]: numba's one-pass decode where available (into
+        float32, then cast), else code values by one table gather per two stored bytes, then times the scales."""
         rows, k = tile.shape
+        if self.device.type == "cpu" and quant_kernels.available():
+            f32 = tile if tile.dtype == torch.float32 else self._f32_tile(rows * k).view(rows, k)
+            quant_kernels.decode_rows(self.fmt, w.codes, w.scale, self.block, r0, r1, f32)
+            if f32 is not tile:
+                tile.copy_(f32)
+            return
         codes = w.codes[r0:r1].reshape(-1)
         if codes.numel() % 2:  # an odd number of fp8 codes: no byte pairs (tiny odd shapes only)
             tile.copy_(w.codes[r0:r1])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moeray.common.errors import ConfigError
-from moeray.experts import quantized
+from moeray.experts import quant_kernels, quantized
 from moeray.experts.group import ExpertGroup
 from moeray.experts.quant_formats import (
     dequant_fp8_blocks,
@@ -136,8 +136,11 @@ def _packed_experts(fmt: str, block=(32, 32)):
 
 @pytest.mark.parametrize("fmt", ["fp8", "mxfp4", "int8"])
 @pytest.mark.parametrize("tile_elems", [1 << 20, 40 * D])  # one tile, and several (with a partial last one)
-def test_packed_group_matches_dequantized_group(fmt, tile_elems, monkeypatch):
+@pytest.mark.parametrize("numba_kernels", [True, False])  # fused/one-pass numba kernels, or torch ops only
+def test_packed_group_matches_dequantized_group(fmt, tile_elems, numba_kernels, monkeypatch):
     monkeypatch.setattr(quantized, "TILE_ELEMS", tile_elems)
+    if not numba_kernels:
+        monkeypatch.setattr(quant_kernels, "available", lambda: False)
     packed, dense = _packed_experts(fmt, block=(24, 40))  # blocks that split neither D nor I evenly
     pg = PackedExpertGroup(D, I, swiglu_limit=0.5, fmt=fmt, block=(24, 40))
     ref = ExpertGroup(D, I, swiglu_limit=0.5)
