@@ -3,6 +3,8 @@ gRPC front end read. Every field is validated with a message that names it."""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -83,7 +85,9 @@ class ServeConfig(BaseModel):
     expert_num_cpus: float = Field(0.25, ge=0)
     gating_num_cpus: float = Field(0.5, ge=0)
     num_gating_actors: int = Field(1, ge=1)
-    torch_threads: int = Field(1, ge=1)
+    # torch threads per process; None: derived (threads_for): with transport local the gating process gets every
+    # core it may use, on Ray each actor its CPU share rounded up (actors share the cores).
+    torch_threads: int | None = Field(None, ge=1)
     transport: Literal["ray", "local"] = "ray"
     # micro-batches per step, run as a ping-pong (one's attention while another's experts run); 0: chosen per
     # step from the batch (2 for 8+ sequences on the ray transport, else 1)
@@ -112,7 +116,21 @@ class ServeConfig(BaseModel):
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= block_size "
                              f"({self.block_size})")
+        if self.gating_device != "cpu" and not self.allow_cpu_fallback:
+            raise ValueError(f"gating_device: {self.gating_device} is not supported yet (the gating engine's paged KV "
+                             "cache lives in CPU memory): set gating_device: cpu, or allow_cpu_fallback: true to "
+                             "reserve the accelerator and compute on the CPU")
         return self
+
+    def threads_for(self, role: Literal["gating", "expert"]) -> int:
+        """torch threads of a gating or expert-group process: `torch_threads` when set, else derived from the
+        CPUs it may use (transport local: all of them; Ray: its num_cpus share, at least 1)."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        if role == "gating" and self.transport == "local":
+            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        share = self.gating_num_cpus if role == "gating" else self.expert_num_cpus
+        return max(1, math.ceil(share))
 
     @property
     def served_name(self) -> str:

@@ -20,6 +20,7 @@ from torch import nn
 from moeray.kvstore.spec import LayerCacheSpec, gqa_spec, mla_spec
 from moeray.models.config import ModelConfig
 from moeray.models.layers import RMSNorm, Rotary, _yarn_mscale
+from moeray.models.paged_attention import paged_batch
 
 
 class LayerCache(Protocol):
@@ -82,30 +83,38 @@ class GQAttention(nn.Module):
         q, k, v = self._qkv(x, torch.arange(start_pos, start_pos + x.shape[0]))
         return self.o_proj(self._attend_one(q, k, v, start_pos, cache))
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [n, D], positions [n] -> roped q [n, H, Dh], k [n, Hkv, Dh], v [n, Hkv, Dh]."""
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: dict | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [n, D], positions [n] -> roped q [n, H, Dh], k [n, Hkv, Dh], v [n, Hkv, Dh]. `rope` memoises
+        cos/sin by rotary table across the layers of one step."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.h, self.dh)
         k = self.k_proj(x).view(n, self.hkv, self.dh)
         v = self.v_proj(x).view(n, self.hkv, self.dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary.cos_sin(positions)
+        cs = None if rope is None else rope.get(self.rotary.key)
+        if cs is None:
+            cs = self.rotary.cos_sin(positions)
+            if rope is not None:
+                rope[self.rotary.key] = cs
+        cos, sin = cs
         return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
 
     def forward_batch(self, x: torch.Tensor, seqs: Sequence[Any], layer_id: int) -> torch.Tensor:
-        """The whole flattened batch at once: x [N, D] -> [N, D]. Projections, norms and RoPE run over all N
-        tokens; a batch of decode tokens over one paged pool (`cache.batch.decode_write_gather`) writes and
-        gathers K/V with one op each and runs one masked SDPA; anything else attends per sequence."""
+        """The whole flattened batch at once: x [N, D] -> [N, D]. Over the engine's paged cache: projections,
+        norms and RoPE over all N tokens, one write of the new K/V, one SDPA per group of sequences (decode,
+        prefill; models/paged_attention.py). Any other cache: attention per sequence."""
+        meta = paged_batch(seqs, x.device)
+        if meta is None or meta.cache.pools[meta.cache.pool_of[layer_id]["k"]].tokens_per_row != 1:
+            return self._forward_per_seq(x, seqs, layer_id)
+        q, k, v = self._qkv(x, meta.positions, meta.rope)
+        meta.write(layer_id, {"k": k, "v": v})
+        return self.o_proj(meta.attend_gqa(layer_id, q, self.scale, self.window))
+
+    def _forward_per_seq(self, x: torch.Tensor, seqs: Sequence[Any], layer_id: int) -> torch.Tensor:
         positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.num_tokens) for s in seqs])  # [N]
         q, k, v = self._qkv(x, positions)
-        pool = getattr(seqs[0].cache, "batch", None)
-        if pool is not None and not self.window and all(
-                s.num_tokens == 1 and getattr(s.cache, "batch", None) is pool for s in seqs):
-            kv, valid = pool.decode_write_gather(layer_id, [s.cache for s in seqs], positions, {"k": k, "v": v})
-            out = F.scaled_dot_product_attention(q[:, :, None, :], kv["k"].transpose(1, 2), kv["v"].transpose(1, 2),
-                                                 attn_mask=valid[:, None, None, :], scale=self.scale, enable_gqa=True)
-            return self.o_proj(out.reshape(len(seqs), -1))
         outs, off = [], 0
         for s in seqs:
             sl = slice(off, off + s.num_tokens)

@@ -31,8 +31,33 @@ from torch import nn
 from moeray.kvstore.spec import ModelCacheSpec
 from moeray.models.attention import LayerCache, build_attention
 from moeray.models.config import ModelConfig
-from moeray.models.layers import MLP, RMSNorm
+from moeray.models.layers import MLP, RMSNorm, pack_linears
 from moeray.router.gate import Gate
+
+
+def cast_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Hold a dense part's parameters in `dtype` (mutates it; buffers such as rotary frequencies and gate biases
+    stay fp32). float32 leaves it untouched. Raises ValueError for a family that only runs in float32."""
+    if dtype == torch.float32:
+        return model
+    if not getattr(model, "reduced_precision", False):
+        raise ValueError(f"{type(model).__name__} runs in float32 only: set dtype: float32")
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    if dtype == torch.bfloat16:
+        pack_linears(model)  # oneDNN's pre-packed bf16 GEMMs (models/layers.py)
+    return model
+
+
+class SeqBatch(list):
+    """The SeqChunks of one flattened batch, plus what attention computes once per step for all layers
+    (`meta`: positions, cache rows, masks; see models/paged_attention.py). A plain list works too (slower)."""
+
+    __slots__ = ("meta",)
+
+    def __init__(self, chunks=()) -> None:
+        super().__init__(chunks)
+        self.meta = None
 
 
 @dataclass(slots=True)
@@ -103,6 +128,8 @@ RoutedFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 class DenseModel(nn.Module):
     """Embeddings, decoder layers without their routed experts, final norm and LM head."""
 
+    reduced_precision = True  # runs in bfloat16 / float16 too (see cast_dense)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -115,8 +142,8 @@ class DenseModel(nn.Module):
         return ModelCacheSpec(tuple(layer.self_attn.cache_spec() for layer in self.layers))
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """token_ids [N] -> initial state [N, D]."""
-        return self.embed_tokens(token_ids).float()
+        """token_ids [N] -> initial state [N, D], in the weights' dtype."""
+        return self.embed_tokens(token_ids)
 
     def logits(self, state: torch.Tensor) -> torch.Tensor:
         """state [N, D] -> logits [N, V] (fp32)."""
@@ -135,6 +162,7 @@ def run_model(model: nn.Module, token_ids: torch.Tensor, seqs: Sequence[SeqChunk
               logit_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Any dense part (embed, layers, logits): the flattened batch through every layer -> logits."""
     state = model.embed(token_ids)
+    seqs = seqs if isinstance(seqs, SeqBatch) else SeqBatch(seqs)
     for layer in model.layers:
         state = run_layer(layer, state, token_ids, seqs, routed)
     if logit_rows is not None:

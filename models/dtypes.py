@@ -64,13 +64,17 @@ def cpu_bf16_is_fast(flags: frozenset[str] | None) -> tuple[bool, str]:
     return speedup >= 1.0, f"cpu flags unknown; measured bf16 matmul {speedup:.2f}x fp32"
 
 
-def resolve_dtype(name: DtypeName | str, device: str | torch.device = "cpu") -> torch.dtype:
-    """The torch dtype a serving `dtype` setting means on `device` (`auto` decided as the module says)."""
+def resolve_dtype(name: DtypeName | str, device: str | torch.device = "cpu", reduced_ok: bool = True) -> torch.dtype:
+    """The torch dtype a serving `dtype` setting means on `device` (`auto` decided as the module says).
+    `reduced_ok=False` (a model family that runs in float32 only): `auto` is float32, and an explicit bfloat16 /
+    float16 is a ValueError naming the setting."""
     if name in DTYPES:
+        if not reduced_ok and name != "float32":
+            raise ValueError(f"dtype {name}: this model family runs in float32 only; set dtype: float32 or auto")
         return DTYPES[name]
     if name != "auto":
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return _auto(torch.device(device).type)
+    return _auto(torch.device(device).type) if reduced_ok else torch.float32
 
 
 @functools.cache

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeray.experts.group import mkldnn_packing_available
 from moeray.models.config import RopeConfig
 
 
@@ -89,14 +90,18 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.interleave = interleave
 
+        # layers with equal tables share the cos/sin of a batch's positions (models/paged_attention.py)
+        self.key = (tuple(inv_freq.tolist()), float(self.scaling), interleave)
+
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N] -> cos, sin [N, R]."""
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        """positions [N] -> cos, sin [N, R] (fp32)."""
+        freqs = positions[:, None].float() * self.inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.scaling, emb.sin() * self.scaling
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [N, H, R] (or [N, R]) rotated by cos/sin [N, R]."""
+        """x [N, H, R] (or [N, R]) rotated by cos/sin [N, R]; computed in x's dtype (as transformers does)."""
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         if x.dim() == 3:
             cos, sin = cos[:, None, :], sin[:, None, :]
         if self.interleave:
@@ -107,3 +112,35 @@ class Rotary(nn.Module):
         h = x.shape[-1] // 2
         rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
         return x * cos + rot * sin
+
+
+class PackedLinear(nn.Module):
+    """A bf16 nn.Linear on CPU with its weight pre-packed for oneDNN once (the layout its AMX / AVX512-BF16
+    kernels read): 1.3-2.5x the plain bf16 linear at 1-64 rows, measured on a Xeon with AMX. The original
+    weight stays (state_dict, code that reads `.weight`); the packed copy is what forward uses."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        assert linear.weight.dtype == torch.bfloat16 and linear.weight.device.type == "cpu"
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        shape = x.shape
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self._packed, self.bias, "none", [], "")
+        return y.view(*shape[:-1], self.out_features)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every bf16 CPU nn.Linear in `model` by a PackedLinear (mutates it) -> how many were replaced."""
+    if not mkldnn_packing_available():
+        return 0
+    count = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if (type(child) is nn.Linear and child.weight.dtype == torch.bfloat16
+                    and child.weight.device.type == "cpu"):
+                setattr(parent, name, PackedLinear(child))
+                count += 1
+    return count

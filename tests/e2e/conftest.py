@@ -9,7 +9,8 @@ def e2e_deployment(ray_session):
     from moeray.actors.deploy import deploy
     from moeray.common.config import ServeConfig
 
-    dep = deploy(ServeConfig(model=str(build_with_tokenizer()), num_expert_groups=2, kv_cache_blocks=256))
+    dep = deploy(ServeConfig(dtype="float32",
+                             model=str(build_with_tokenizer()), num_expert_groups=2, kv_cache_blocks=256))
     yield dep
     dep.shutdown()
 

@@ -17,7 +17,8 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def dep(ray_session):
-    d = deploy(ServeConfig(model=str(build_skewed()), num_expert_groups=4, placement="blocks", kv_cache_blocks=128,
+    d = deploy(ServeConfig(dtype="float32",
+                           model=str(build_skewed()), num_expert_groups=4, placement="blocks", kv_cache_blocks=128,
                            health_period_s=0.5))
     yield d
     d.shutdown()

@@ -22,7 +22,7 @@ def path():
 
 @pytest.fixture(scope="module")
 def ray_dep(ray_session, path):
-    dep = deploy(ServeConfig(model=path, num_expert_groups=4, micro_batches=2, kv_cache_blocks=24,
+    dep = deploy(ServeConfig(dtype="float32", model=path, num_expert_groups=4, micro_batches=2, kv_cache_blocks=24,
                              max_num_batched_tokens=128))
     yield dep
     dep.shutdown()
@@ -30,7 +30,7 @@ def ray_dep(ray_session, path):
 
 @pytest.fixture(scope="module")
 def local_dep(ray_session, path):
-    dep = deploy(ServeConfig(model=path, num_expert_groups=4, transport="local", kv_cache_blocks=256))
+    dep = deploy(ServeConfig(dtype="float32", model=path, num_expert_groups=4, transport="local", kv_cache_blocks=256))
     yield dep
     dep.shutdown()
 

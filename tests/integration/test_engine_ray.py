@@ -24,7 +24,7 @@ def workload(n=16, seed=0, max_prompt=200, max_out=64):
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_dep(request, ray_session):
     fam = request.param
-    dep = deploy(ServeConfig(model=str(build(fam)), num_expert_groups=4, kv_cache_blocks=256,
+    dep = deploy(ServeConfig(dtype="float32", model=str(build(fam)), num_expert_groups=4, kv_cache_blocks=256,
                              max_num_batched_tokens=256, expert_num_cpus=0.25))
     yield fam, dep
     dep.shutdown()

@@ -13,7 +13,8 @@ from moeray.common.config import ServeConfig
 
 @pytest.mark.parametrize("name,block", [("a", 16), ("b", 12)])
 def test_v4_on_four_expert_actors(ray_session, name, block):
-    dep = deploy(ServeConfig(model=str(build(name)), num_expert_groups=4, block_size=block, kv_cache_blocks=128,
+    dep = deploy(ServeConfig(dtype="float32",
+                             model=str(build(name)), num_expert_groups=4, block_size=block, kv_cache_blocks=128,
                              max_num_batched_tokens=48, controller=False))
     try:
         g = torch.Generator().manual_seed(1)

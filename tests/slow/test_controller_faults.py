@@ -25,7 +25,7 @@ def replicas(dep, group):
 def test_hot_group_gets_a_replica_then_loses_it(ray_session):
     auto = AutoscaleConfig(min_replicas=1, max_replicas=2, target_utilization=0.02, downscale_factor=0.5,
                            upscale_delay_s=0.5, downscale_delay_s=2.0, cooldown_s=1.0)
-    dep = deploy(ServeConfig(model=str(build_skewed()), num_expert_groups=4, placement="blocks",
+    dep = deploy(ServeConfig(dtype="float32", model=str(build_skewed()), num_expert_groups=4, placement="blocks",
                              kv_cache_blocks=128, health_period_s=0.5, autoscale=auto))
     try:
         stop = threading.Event()
@@ -50,7 +50,7 @@ def test_hot_group_gets_a_replica_then_loses_it(ray_session):
 
 @pytest.fixture(scope="module")
 def dep(ray_session):
-    d = deploy(ServeConfig(model=str(build("mixtral")), num_expert_groups=2, kv_cache_blocks=128,
+    d = deploy(ServeConfig(dtype="float32", model=str(build("mixtral")), num_expert_groups=2, kv_cache_blocks=128,
                            health_period_s=0.5, kv_store=KVStoreConfig(enabled=True, num_shards=3, replication=2)))
     yield d
     d.shutdown()

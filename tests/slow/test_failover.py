@@ -33,7 +33,8 @@ def check(outs, ps):
 
 @pytest.fixture(scope="module")
 def dep(ray_session):
-    d = deploy(ServeConfig(model=str(build(FAMILY)), num_expert_groups=2, expert_replicas=2, kv_cache_blocks=256,
+    d = deploy(ServeConfig(dtype="float32",
+                           model=str(build(FAMILY)), num_expert_groups=2, expert_replicas=2, kv_cache_blocks=256,
                            kv_store=KVStoreConfig(enabled=True, num_shards=2, replication=2)))
     yield d
     d.shutdown()

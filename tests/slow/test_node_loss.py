@@ -23,7 +23,8 @@ def test_removing_a_node_loses_no_request():
         nodes = [cluster.add_node(num_cpus=0, resources={"NPU": 1}) for _ in range(2)]
         cluster.wait_for_nodes()
         # every expert on both actors (2 groups x 2 replicas); each actor on its own NPU node
-        dep = deploy(ServeConfig(model=str(build(FAMILY)), num_expert_groups=2, expert_replicas=2, device="npu",
+        dep = deploy(ServeConfig(dtype="float32",
+                                 model=str(build(FAMILY)), num_expert_groups=2, expert_replicas=2, device="npu",
                                  allow_cpu_fallback=True, expert_num_cpus=0, kv_cache_blocks=128,
                                  health_period_s=0.5, expert_call_timeout_s=30))
         try:
@@ -56,7 +57,7 @@ def test_replica_waits_for_a_device_then_joins():
     with local_cluster(head_cpus=3) as cluster:
         cluster.add_node(num_cpus=0, resources={"NPU": 1})
         cluster.wait_for_nodes()
-        dep = deploy(ServeConfig(model=str(build(FAMILY)), num_expert_groups=1, device="npu",
+        dep = deploy(ServeConfig(dtype="float32", model=str(build(FAMILY)), num_expert_groups=1, device="npu",
                                  allow_cpu_fallback=True, expert_num_cpus=0, kv_cache_blocks=128,
                                  health_period_s=0.5))
         try:

@@ -54,15 +54,18 @@ def test_experts_table_formats(result):
     assert "peaks" in text and "frac" in text and len(text.splitlines()) == 4 + len(CASES)
 
 
-def test_engine_ratios_and_agreement_helpers():
-    summary = {"transformers": {64: {"tok_per_s": 100.0}}, "vllm": {64: {"tok_per_s": 200.0}},
-               "moeray_local": {64: {"tok_per_s": 400.0, "step_s": 0.1}},
-               "moeray_ray": {64: {"tok_per_s": 300.0, "step_s": 0.15}}}
-    dispatch = {"rows": [{"tokens": 64, "ray_over_fanout": 3.0, "overhead_over_fanout": 1.5}]}
-    r = engine_bench.ratios(summary, dispatch, (64,))
-    assert r["headline"] == pytest.approx({"local_over_transformers_at_64": 4.0, "local_over_vllm": 2.0,
-                                           "ray_over_local_step_at_64": 1.5, "dispatch_over_fanout": 1.5})
-    assert engine_bench.ratios({"moeray_local": {1: {"tok_per_s": 1.0}}}, None, (1,))["local_over_vllm"] == {1: None}
+def test_engine_ratios_divide_by_the_best_peer_at_each_batch():
+    summary = {"transformers_fp32": {1: {"tok_per_s": 100.0}, 64: {"tok_per_s": 100.0}},
+               "transformers_bf16": {1: {"tok_per_s": 80.0}, 64: {"tok_per_s": 150.0}},
+               "vllm_bf16": {1: {"tok_per_s": 200.0}, 64: {"tok_per_s": 120.0}},
+               "moeray_local": {1: {"tok_per_s": 100.0}, 64: {"tok_per_s": 300.0}}}
+    r = engine_bench.ratios(summary, (1, 64))
+    assert r["best_peer"] == {1: "vllm_bf16", 64: "transformers_bf16"}
+    assert r["local_over_best_peer"] == pytest.approx({1: 0.5, 64: 2.0})
+    assert r["local_over_best_transformers"] == pytest.approx({1: 1.0, 64: 2.0})
+    assert r["local_over_best_vllm"] == pytest.approx({1: 0.5, 64: 2.5})
+    assert r["headline"] == {"min_local_over_best_peer": pytest.approx(0.5), "goal_met": False}
+    assert engine_bench.ratios({"moeray_local": {1: {"tok_per_s": 1.0}}}, (1,))["local_over_best_peer"] == {1: None}
     agree = engine_bench.agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]])
     assert agree == {"identical": 0.5, "matching_prefix": pytest.approx((1 + 1 / 3) / 2)}
 
