@@ -197,15 +197,16 @@ class Task:
     answered_at: float = 0.0
     bad: set[int] = field(default_factory=set)  # actors whose own code failed these pairs
     tried: set[int] = field(default_factory=set)  # actors sent some of these pairs (hedges go elsewhere)
+    settled: bool = False  # kept by refresh(): every pair covered or lost
+    recheck: bool = False  # some pairs may be in flight nowhere (a send failed or a duplicate was dropped)
 
     def __post_init__(self) -> None:
         p = self.rows.numel()
         self.covered = torch.zeros(p, dtype=torch.bool)
         self.lost = torch.zeros(p, dtype=torch.bool)
 
-    @property
-    def settled(self) -> bool:
-        return bool((self.covered | self.lost).all())
+    def refresh(self) -> None:
+        self.settled = bool((self.covered | self.lost).all())
 
 
 @dataclass(slots=True)
@@ -329,7 +330,9 @@ class FailoverCaller:
             open_tasks = [t for t in open_tasks if not t.settled]
             if not open_tasks:
                 break
-            futs = [s.future for t in open_tasks for s in t.sends if not s.future.done()]
+            futs = [s.future for t in open_tasks for s in t.sends]
+            if any(f.done() for f in futs):
+                continue  # answers arrived meanwhile: read them first
             probes, probe_due = self.health.pending()
             wake = min([call.deadline, *(s.hedge_at for t in open_tasks for s in t.sends)]
                        + ([probe_due] if probe_due is not None else []))
@@ -351,15 +354,21 @@ class FailoverCaller:
     def _advance(self, call: ExpertCall, t: Task, table_of, wire_dtype) -> None:
         now = self.backend.now()
         # 1. read finished sends: take an answer whose pairs are all still open, drop a duplicate
-        for s in [s for s in t.sends if s.future.done()]:
+        finished = [s for s in t.sends if s.future.done()]
+        for s in finished:
             t.sends.remove(s)
             err = s.future.exception()
             if err is not None:
                 self._on_error(call, t, s, err, wire_dtype)
+                t.recheck = True
             elif not bool(t.covered[s.pairs].any()):
                 t.covered[s.pairs] = True
                 t.accepted.append((s.batch, self.backend.decode(s.future.result())))
                 self._observe(t, s, now)
+            else:
+                t.recheck = True  # a duplicate: its other pairs may run nowhere else
+        if finished:
+            t.refresh()
         if t.settled:
             return
         # 2. out of time: every open pair is lost
@@ -367,14 +376,20 @@ class FailoverCaller:
             t.lost |= ~t.covered
             t.errors.append(f"layer {call.layer}: no answer within {self.policy.call_timeout_s:.0f}s"
                             + (f" (last: {t.note})" if t.note else ""))
+            t.refresh()
             return
         # 3. pairs nobody is computing: recover them on live replicas (or wait for a suspect one, or fail fast)
-        inflight = torch.zeros_like(t.covered)
-        for s in t.sends:
-            inflight[s.pairs] = True
-        orphans = torch.nonzero(~t.covered & ~t.lost & ~inflight).flatten()
-        if orphans.numel():
-            self._recover(call, t, orphans, table_of(), wire_dtype)
+        if t.recheck or not t.sends:
+            inflight = torch.zeros_like(t.covered)
+            for s in t.sends:
+                inflight[s.pairs] = True
+            orphans = torch.nonzero(~t.covered & ~t.lost & ~inflight).flatten()
+            t.recheck = False
+            if orphans.numel():
+                self._recover(call, t, orphans, table_of(), wire_dtype)
+                t.refresh()
+                if t.settled:
+                    return
         # 4. overdue sends: a copy of their open pairs to another replica
         for s in list(t.sends):
             if now >= s.hedge_at:
@@ -422,7 +437,9 @@ class FailoverCaller:
             t.errors.append(t.note if t.bad and t.note else _dead_msg(call.layer, t.expert_ids[gone], slots))
             idx = idx[ok]
         # plan what a live replica can take; the rest waits for a suspect actor's probe
-        idx = idx[servable(t.expert_ids[idx], slots, self.health.unavailable() | t.bad)]
+        ready = servable(t.expert_ids[idx], slots, self.health.unavailable() | t.bad)
+        t.recheck = not bool(ready.all())  # the rest waits: look again on the next pass
+        idx = idx[ready]
         if not idx.numel():
             return
         plan = plan_pairs(t.rows[idx], t.expert_ids[idx], t.weights[idx], slots,

@@ -22,8 +22,7 @@ import torch
 from moeray.engine.paged_cache import PagedKVCache
 from moeray.engine.scheduler import ScheduledChunk
 from moeray.engine.transport import ExpertRowsFailed, ExpertTransport
-from moeray.models.dense import SeqChunk
-
+from moeray.models.dense import SeqBatch, SeqChunk
 
 AUTO_MIN_SEQS = 8  # micro_batches=0: split steps with at least this many sequences in two
 
@@ -31,7 +30,7 @@ AUTO_MIN_SEQS = 8  # micro_batches=0: split steps with at least this many sequen
 @dataclass(slots=True)
 class MicroBatch:
     token_ids: torch.Tensor  # [N]
-    seqs: list[SeqChunk]
+    seqs: SeqBatch  # of SeqChunk; carries the per-step attention metadata
     logit_rows: torch.Tensor  # rows whose logits are needed (last token of sampling chunks)
 
 
@@ -101,7 +100,7 @@ class ModelRunner:
             self.failed[first + j] = why
 
     def _micro_batch(self, chunks: list[ScheduledChunk]) -> MicroBatch:
-        ids, seqs, logit_rows, off = [], [], [], 0
+        ids, seqs, logit_rows, off = [], SeqBatch(), [], 0
         for c in chunks:
             ids.extend(c.seq.all_ids[c.start:c.start + c.num_tokens])
             seqs.append(SeqChunk(c.num_tokens, c.start, self.cache.view(c.seq.block_table)))
@@ -119,7 +118,8 @@ def split_chunks(chunks: list[ScheduledChunk], parts: int) -> list[list[Schedule
     groups: list[list[ScheduledChunk]] = [[]]
     acc = 0
     for c in chunks:
-        if acc >= total * len(groups) / parts and len(groups) < parts and groups[-1]:
+        # a new group once this chunk's middle lies past the current group's share (2 chunks: always split)
+        if groups[-1] and len(groups) < parts and acc + c.num_tokens / 2 > total * len(groups) / parts:
             groups.append([])
         groups[-1].append(c)
         acc += c.num_tokens

@@ -1,0 +1,207 @@
+"""Data-plane benchmark (issue 13): one MoE layer's expert call on Ray, piece by piece, next to an empty fan-out
+to the same actors, and end-to-end Ray / in-process throughput, all in one run.
+
+    python -m moeray.bench.dispatch [--quick] [--dtype float32] [--out bench/results/dispatch.json]
+
+Checkpoint: bench/engine.py's (qwen3_moe, hidden 512, 8 MoE layers, 16 experts top-2, fp32 safetensors).
+Systems: `ray` = deploy() on a private local Ray (num_cpus=2): 4 expert-group actors, 1 gating actor, no
+controller, 1 torch thread per actor; `local` = the same Engine with LocalTransport in this process, 1 thread.
+Layer probe (from this process, interleaved rounds, medians): for T tokens routed by a random top-2 gate,
+  ray      RayTransport submit + wait against the deployment's 4 expert actors
+  local    LocalTransport on the same slots in this process (the in-process step)
+  fanout   an empty call (`ping`) to exactly the actors the plan targets, all at once, waited for together
+  pieces   plan (plan_dispatch), pack (one gather into the wire dtype), encode (numpy views + routing array),
+           submit (all of dispatch incl. Ray task submission), combine (one scatter of the answers)
+Goal: (ray - local) / fanout <= 1.3 at T = 1, 16, 64.
+End to end: B requests (64-token prompts, `--output-len` greedy tokens, EOS ignored), tok/s of ray / local,
+and the fraction of expert-call time hidden behind compute (1 - blocked wait / call time, gating actor's
+transport counters; micro_batches as configured, default auto). Goal: >= 0.7 at B = 16, 64; >= 0.25 at B = 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeray.bench.common import host_info, interleaved_times, write_json
+
+BATCHES = (1, 16, 64)
+
+
+def _cpu_flags() -> list[str]:
+    from moeray.models.dtypes import cpu_flags
+
+    flags = cpu_flags() or frozenset()
+    return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2")))
+
+
+def build_systems(path: Path, dtype: str, micro_batches: int) -> tuple[Any, Any]:
+    from moeray.actors.deploy import build_table, deploy
+    from moeray.actors.gating import engine_config
+    from moeray.common.config import ServeConfig
+    from moeray.engine.engine import Engine
+    from moeray.engine.transport import LocalTransport
+    from moeray.models.checkpoint import Checkpoint, load_dense, load_experts_into, new_expert_group
+    from moeray.models.config import ModelConfig
+    from moeray.models.dtypes import resolve_dtype
+    from moeray.models.registry import build_dense_model
+
+    cfg = ServeConfig(model=str(path), num_expert_groups=4, controller=False, torch_threads=1, dtype=dtype,
+                      micro_batches=micro_batches, namespace="moeray-bench-dispatch", kv_cache_blocks=1024)
+    dep = deploy(cfg)
+    model_cfg = ModelConfig.from_pretrained(str(path))
+    ckpt = Checkpoint(str(path))
+    dense = build_dense_model(model_cfg)
+    load_dense(dense, model_cfg, ckpt)
+    dense.eval()
+    dt = resolve_dtype(dtype, "cpu", reduced_ok=getattr(dense, "reduced_precision", False))
+    if dt != torch.float32:
+        dense.to(dt)
+    table = build_table(cfg, model_cfg)
+    groups = {}
+    for a in table.actor_ids:
+        g = new_expert_group(model_cfg, ckpt, dtype=dt)
+        load_experts_into(g, model_cfg, ckpt, table.actor_slots(a))
+        groups[a] = g
+    local = Engine(dense, LocalTransport(groups, table), engine_config(cfg, dt))
+    return dep, local
+
+
+def layer_probe(dep, local, token_counts, repeats: int, dtype: torch.dtype) -> list[dict[str, Any]]:
+    from moeray.actors.transport import RayTransport
+
+    ray_tr = RayTransport(dict(dep.expert_actors), dep.table, wire_dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    return [_probe_tokens(dep, ray_tr, local.transport, t, repeats, dtype, g) for t in token_counts]
+
+
+def _probe_tokens(dep, ray_tr, local_tr, t: int, repeats: int, dtype: torch.dtype, g) -> dict[str, Any]:
+    """One row of the layer probe: T = t tokens through the first MoE layer."""
+    import ray
+
+    from moeray.engine.wire import pack_pairs, pack_rows, scatter_rows, to_wire
+    from moeray.router.dispatch import plan_dispatch
+
+    cfg, table = dep.model_cfg, dep.table
+    layer = list(cfg.moe_layers)[0]
+    x = torch.randn(t, cfg.hidden_size, generator=g).to(dtype)
+    ids = torch.rand(t, cfg.num_experts, generator=g).topk(cfg.num_experts_per_tok).indices
+    w = torch.softmax(torch.rand(ids.shape, generator=g), dim=-1)
+    slots = table.layer_slots(layer)
+    batches = plan_dispatch(ids, w, slots, layer=layer)
+    targets = [dep.expert_actors[b.actor_id] for b in batches]
+    packed = pack_rows(x, batches, dtype)
+    outs = [torch.randn(b.num_rows, cfg.hidden_size).to(dtype) for b in batches]
+    probes = {
+        "ray": lambda: ray_tr.wait(ray_tr.submit(layer, x, ids, w)),
+        "local": lambda: local_tr.wait(local_tr.submit(layer, x, ids, w)),
+        "fanout": lambda: ray.get([a.ping.remote() for a in targets]),
+        "plan": lambda: plan_dispatch(ids, w, slots, layer=layer),
+        "pack": lambda: pack_rows(x, batches, dtype),
+        "encode": lambda: [(to_wire(p), pack_pairs(b.pair_rows, b.slot_ids, b.weights))
+                           for p, b in zip(packed, batches, strict=True)],
+        "combine": lambda: scatter_rows(t, cfg.hidden_size, batches, outs, dtype),
+    }
+    busy0 = ray.get([a.stats.remote() for a in dep.expert_actors.values()])
+    sub0 = ray_tr.stats["dispatch_s"]
+    with torch.inference_mode():
+        times = interleaved_times(probes, repeats, warmup=3)
+    busy1 = ray.get([a.stats.remote() for a in dep.expert_actors.values()])
+    calls = sum(b["calls"] - a["calls"] for a, b in zip(busy0, busy1, strict=True))
+    busy = sum(b["busy_s"] - a["busy_s"] for a, b in zip(busy0, busy1, strict=True))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    over = med["ray"] - med["local"]
+    return {"tokens": t, "target_actors": len(batches), **{f"{k}_s": v for k, v in med.items()},
+            "submit_s": (ray_tr.stats["dispatch_s"] - sub0) / (repeats + 3),
+            "actor_compute_s_per_call": busy / max(calls, 1), "overhead_s": over,
+            "overhead_over_fanout": over / med["fanout"], "ray_over_local": med["ray"] / med["local"]}
+
+
+def end_to_end(dep, local, batches, output_len: int, rounds: int, vocab: int) -> dict[int, dict[str, Any]]:
+    from moeray.bench.engine import make_prompts
+    from moeray.common import SamplingParams
+
+    sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    res: dict[int, dict[str, list]] = {b: {"ray": [], "local": [], "hidden": [], "same": []} for b in batches}
+    for _ in range(rounds):
+        for b in batches:
+            prompts = make_prompts(b, 64, vocab, 0)
+            t0 = time.perf_counter()
+            lo = [o.token_ids for o in local.generate(prompts, sp)]
+            res[b]["local"].append(b * output_len / (time.perf_counter() - t0))
+            st0 = dep.status()["gating"][0]["transport_stats"]
+            t0 = time.perf_counter()
+            ro = [o.token_ids for o in dep.generate(prompts, sp)]
+            res[b]["ray"].append(b * output_len / (time.perf_counter() - t0))
+            st1 = dep.status()["gating"][0]["transport_stats"]
+            call = st1["call_s"] - st0["call_s"]
+            blocked = st1["wait_s"] - st0["wait_s"]
+            res[b]["hidden"].append(min(1.0, max(0.0, 1.0 - blocked / call)) if call > 0 else 0.0)
+            res[b]["same"].append(lo == ro)
+    out = {}
+    for b, r in res.items():
+        ray_tps, loc_tps = statistics.median(r["ray"]), statistics.median(r["local"])
+        out[b] = {"ray_tok_s": ray_tps, "local_tok_s": loc_tps, "ray_over_local": ray_tps / loc_tps,
+                  "hidden_fraction": statistics.median(r["hidden"]), "outputs_identical": all(r["same"]),
+                  "ray_over_local_rounds": [a / c for a, c in zip(r["ray"], r["local"], strict=True)]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moeray.bench.dispatch", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
+    p.add_argument("--micro-batches", type=int, default=0, help="ServeConfig.micro_batches of the Ray system")
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench/results/dispatch.json"))
+    args = p.parse_args(argv)
+    import ray
+
+    from moeray.bench.engine import build_checkpoint
+    from moeray.models.dtypes import resolve_dtype
+
+    torch.set_num_threads(1)
+    path = build_checkpoint(Path("bench/results/ckpt") if Path("bench").is_dir() else
+                            Path(tempfile.mkdtemp()) / "ckpt")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             namespace="moeray-bench-dispatch")
+    dep, local = build_systems(path, args.dtype, args.micro_batches)
+    try:
+        dt = resolve_dtype(args.dtype, "cpu")
+        res: dict[str, Any] = {"bench": "dispatch", "host": host_info(), "cpu_flags": _cpu_flags(),
+                               "dtype": str(dt).removeprefix("torch."), "micro_batches": args.micro_batches}
+        print("[1/2] one MoE layer, piece by piece ...", flush=True)
+        res["layer"] = layer_probe(dep, local, BATCHES, 15 if args.quick else 60, dt)
+        for r in res["layer"]:
+            print(f"T={r['tokens']:3d} actors={r['target_actors']} ray {r['ray_s'] * 1e3:6.2f} ms  local "
+                  f"{r['local_s'] * 1e3:6.2f}  fanout {r['fanout_s'] * 1e3:6.2f}  (ray-local)/fanout "
+                  f"{r['overhead_over_fanout']:.2f}  | plan {r['plan_s'] * 1e3:.3f} pack {r['pack_s'] * 1e3:.3f} "
+                  f"encode {r['encode_s'] * 1e3:.3f} submit {r['submit_s'] * 1e3:.3f} combine "
+                  f"{r['combine_s'] * 1e3:.3f} actor {r['actor_compute_s_per_call'] * 1e3:.3f} ms", flush=True)
+        if not args.skip_e2e:
+            print("[2/2] end to end ...", flush=True)
+            vocab = dep.model_cfg.vocab_size
+            res["e2e"] = end_to_end(dep, local, BATCHES, args.output_len, 1 if args.quick else 3, vocab)
+            for b, r in res["e2e"].items():
+                print(f"B={b:3d} ray {r['ray_tok_s']:7.1f} tok/s  local {r['local_tok_s']:7.1f}  ray/local "
+                      f"{r['ray_over_local']:.2f}  hidden {r['hidden_fraction']:.2f}  identical "
+                      f"{r['outputs_identical']}", flush=True)
+        res["goals"] = {"overhead_over_fanout": 1.3, "ray_over_local": {1: 0.25, 16: 0.7, 64: 0.7}}
+        write_json(args.out, res)
+        print(f"wrote {args.out}")
+    finally:
+        dep.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
