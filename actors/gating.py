@@ -90,8 +90,14 @@ class GatingActor:
             self.kv_client = RayKVClient(dict(kv_shards), kv.replication)
             prefix = PrefixCache(self.kv_client, self.config.block_size, model_id(self.config.model), kv.codec,
                                  kv.max_inflight_writes, background=True)  # store I/O off the step thread
+        grammars = None
+        if tok is not None:  # structured output needs the vocabulary
+            from moeray.engine.structured import Grammars
+
+            grammars = Grammars(tok.to_str(), self.model_cfg.vocab_size, list(self.model_cfg.eos_token_ids))
         self.engine = Engine(dense, transport, engine_config(self.config),
-                             decode=(lambda ids: tok.decode(ids)) if tok is not None else None, prefix=prefix)
+                             decode=(lambda ids: tok.decode(ids)) if tok is not None else None, prefix=prefix,
+                             grammars=grammars)
         self._inbox: collections.deque = collections.deque()
         self._inbox_lock = threading.Lock()
         self._buffers = DeltaBuffers()
