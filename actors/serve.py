@@ -8,7 +8,7 @@ The config file (`--config`, YAML) holds ServeConfig fields at the top level plu
     port: 50051
     http_port: 8000                   # also serve the OpenAI-compatible HTTP API
     ray_address: auto
-    frontend:                         # moeray.common.api.FrontendConfig
+    frontend:                         # moeray.actors.frontend_config.FrontendConfig
       max_in_flight: 256
       auth_token_path: ~/.moeray/grpc_token
       tls_cert_path: ~/.moeray/tls/server.crt
@@ -30,15 +30,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moeray.actors.frontend import serve_frontend
-from moeray.common.api import Backend, FrontendConfig
+from moeray.actors.frontend import Backend, FrontendConfig, serve_frontend
 from moeray.common.config import ServeConfig
 from moeray.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "MOERAY_TOKEN"
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+ADMIN_TOKEN_ENV = "MOERAY_ADMIN_TOKEN"
+LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
 
 
 class ServeOptions(BaseModel):
@@ -52,9 +52,22 @@ class ServeOptions(BaseModel):
     port: int = Field(50051, ge=0, le=65535)
     ray_address: str | None = None
     http_port: int | None = Field(None, ge=0, le=65535)
+    insecure: bool = False  # serve a non-loopback address without a token
 
 
-SERVING_KEYS = ("frontend", "host", "port", "ray_address", "http_port")
+SERVING_KEYS = ("frontend", "host", "port", "ray_address", "http_port", "insecure")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def check_exposure(options: ServeOptions) -> None:
+    """Refuse to serve a non-loopback address without a token, unless `insecure` says so."""
+    if not is_loopback(options.host) and not options.frontend.has_auth and not options.insecure:
+        raise ConfigError(f"host: {options.host} is reachable from other machines and no token is set: anyone could "
+                          "generate, scale or drain. Pass --token-file (and --admin-token-file), set $MOERAY_TOKEN, "
+                          "or --insecure on a trusted network")
 
 
 def load_options(args: argparse.Namespace) -> ServeOptions:
@@ -72,6 +85,7 @@ def load_options(args: argparse.Namespace) -> ServeOptions:
     frontend = dict(serving.get("frontend") or {})
     overrides = {
         "auth_token_path": args.token_file,
+        "admin_token_path": getattr(args, "admin_token_file", None),
         "tls_cert_path": args.tls_cert,
         "tls_key_path": args.tls_key,
         "max_in_flight": args.max_in_flight,
@@ -80,13 +94,18 @@ def load_options(args: argparse.Namespace) -> ServeOptions:
     frontend.update({k: v for k, v in overrides.items() if v is not None})
     if "auth_token" not in frontend and "auth_token_path" not in frontend and os.environ.get(TOKEN_ENV):
         frontend["auth_token"] = os.environ[TOKEN_ENV]
-    flags = {"host": args.host, "port": args.port, "ray_address": args.ray_address, "http_port": args.http_port}
+    if "admin_token" not in frontend and "admin_token_path" not in frontend and os.environ.get(ADMIN_TOKEN_ENV):
+        frontend["admin_token"] = os.environ[ADMIN_TOKEN_ENV]
+    flags = {"host": args.host, "port": args.port, "ray_address": args.ray_address, "http_port": args.http_port,
+             "insecure": getattr(args, "insecure", False) or None}
     serving.update({k: v for k, v in flags.items() if v is not None})
     try:
-        return ServeOptions(engine=engine, frontend=FrontendConfig(**frontend), **serving)
+        options = ServeOptions(engine=engine, frontend=FrontendConfig(**frontend), **serving)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"invalid serve options: {problems}") from None
+    check_exposure(options)
+    return options
 
 
 def build_backends(options: ServeOptions) -> tuple[list[Backend], Callable[[], None]]:
@@ -107,9 +126,9 @@ async def serve(options: ServeOptions, stop_signals: Sequence[signal.Signals] = 
     With `http_port` set, the OpenAI-compatible HTTP API runs beside gRPC on the same loop and shares its front
     end: the same backends, bearer token, TLS and in-flight bound.
     """
-    auth = options.frontend.auth_token is not None or options.frontend.auth_token_path is not None
-    if options.host not in LOOPBACK_HOSTS and not auth:
-        logger.warning("listening on %s without a bearer token: anyone who reaches it can use it", options.host)
+    if not is_loopback(options.host) and not options.frontend.has_auth:
+        logger.warning("listening on %s without a bearer token (--insecure): anyone who reaches it can use it",
+                       options.host)
     backends, shutdown = build_backends(options)
     try:
         server, port = await serve_frontend(backends, options.host, options.port, config=options.frontend)

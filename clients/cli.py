@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from moeray.clients.client import DEFAULT_PORT, TOKEN_ENV, MoerayClient, RetryPolicy
+from moeray.clients.client import ADMIN_TOKEN_ENV, DEFAULT_PORT, TOKEN_ENV, MoerayClient, RetryPolicy
 from moeray.clients.messages import ServerUnavailableError
 from moeray.common.errors import MoerayError
 
@@ -41,17 +41,22 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 # Client commands
 
 
+def _token(value: str | None, path: Path | None) -> str | None:
+    if value is None and path is not None:
+        return path.expanduser().read_text().strip()
+    return value
+
+
 def _client(args: argparse.Namespace) -> MoerayClient:
-    token = args.token
-    if token is None and args.token_file is not None:
-        token = args.token_file.expanduser().read_text().strip()
     return MoerayClient(
         args.address,
-        token=token,
+        token=_token(args.token, args.token_file),
+        admin_token=_token(args.admin_token, args.admin_token_file),
         tls=args.tls,
         root_certificates=args.tls_ca,
         tls_server_name=args.tls_server_name,
         retry=RetryPolicy(timeout_s=args.connect_timeout),
+        allow_plaintext_token=args.insecure,
     )
 
 
@@ -160,6 +165,11 @@ def _client_flags() -> argparse.ArgumentParser:
     )
     group.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"bearer token (default: ${TOKEN_ENV})")
     group.add_argument("--token-file", type=Path, help="read the bearer token from this file")
+    group.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV),
+                       help=f"admin token for scale / drain / rebalance (default: ${ADMIN_TOKEN_ENV})")
+    group.add_argument("--admin-token-file", type=Path, help="read the admin token from this file")
+    group.add_argument("--insecure", action="store_true",
+                       help="allow sending a token without TLS to a server on another machine")
     group.add_argument("--tls", action="store_true", help="use TLS, verifying the server with the system's CAs")
     group.add_argument("--tls-ca", type=Path, help="PEM file of the CA that signed the server's cert (turns TLS on)")
     group.add_argument("--tls-server-name", help="name to verify in the server's cert, when it is not the host")
@@ -191,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HTTP API: refuse unknown request fields (default: ignore them as vLLM does, and list "
                        "them in the x-moeray-ignored-fields response header)")
     serve.add_argument("--token-file", type=Path, help=f"require this bearer token (default: ${TOKEN_ENV} if set)")
+    serve.add_argument("--admin-token-file", type=Path,
+                       help=f"require this token for scale / drain / rebalance (default: ${ADMIN_TOKEN_ENV} if set)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow listening on a non-loopback address without a token")
     serve.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM); needs --tls-key")
     serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     serve.add_argument("--max-in-flight", type=_positive_int, help="requests admitted at once (default 256)")

@@ -55,6 +55,8 @@ from moeray.clients.proto import moeray_pb2_grpc as pb_grpc
 
 DEFAULT_PORT = 50051
 TOKEN_ENV = "MOERAY_TOKEN"
+ADMIN_TOKEN_ENV = "MOERAY_ADMIN_TOKEN"
+LOOPBACK_HOSTS = ("localhost", "::1")
 CHANNEL_OPTIONS = [
     # Reconnect soon after a refused connection, so a server that comes back is found within the retry budget.
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -84,6 +86,14 @@ def normalize_address(address: str) -> str:
     if address.startswith("["):
         return address if "]:" in address else f"{address}:{DEFAULT_PORT}"
     return address if ":" in address else f"{address}:{DEFAULT_PORT}"
+
+
+def is_loopback(address: str) -> bool:
+    """True for an address on this machine (localhost, 127.0.0.0/8, ::1, a unix socket)."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rsplit(":", 1)[0] if not address.startswith("[") else address[1:address.index("]")]
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
 def _credentials(tls: bool, root_certificates: str | Path | bytes | None) -> grpc.ChannelCredentials | None:
@@ -116,12 +126,24 @@ class _ClientBase:
         root_certificates: str | Path | bytes | None = None,
         tls_server_name: str | None = None,
         retry: RetryPolicy | None = None,
+        admin_token: str | None = None,
+        allow_plaintext_token: bool = False,
     ) -> None:
-        """token defaults to $MOERAY_TOKEN; root_certificates (a PEM path or bytes) turns TLS on, as does tls
-        (then the system's roots verify the server); tls_server_name overrides the name checked in its cert."""
+        """token defaults to $MOERAY_TOKEN, admin_token (sent with scale / drain / rebalance / status / metrics) to
+        $MOERAY_ADMIN_TOKEN; root_certificates (a PEM path or bytes) turns TLS on, as does tls (then the
+        system's roots verify the server); tls_server_name overrides the name checked in its cert. A token is
+        never sent in plaintext to another machine unless allow_plaintext_token is set."""
         self.address = normalize_address(address)
-        self._metadata = _metadata(token if token is not None else os.environ.get(TOKEN_ENV) or None)
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        admin_token = admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV) or None
         self._credentials = _credentials(tls, root_certificates)
+        if (token or admin_token) and self._credentials is None and not allow_plaintext_token \
+                and not is_loopback(self.address):
+            raise ValueError(f"refusing to send a bearer token in plaintext to {self.address}: use TLS (tls=True or "
+                             "root_certificates; --tls / --tls-ca) or, on a trusted network, allow_plaintext_token="
+                             "True (--insecure)")
+        self._metadata = _metadata(token)
+        self._admin_metadata = _metadata(admin_token or token)
         self._options = _options(tls_server_name)
         self._retry = retry or RetryPolicy()
 
@@ -170,12 +192,12 @@ class MoerayClient(_ClientBase):
             # any other answer (e.g. UNIMPLEMENTED) still means a server is there
         self._connected = True
 
-    def _unary(self, method, request, timeout_s: float | None = None):
+    def _unary(self, method, request, timeout_s: float | None = None, admin: bool = False):
         start_s, last = time.monotonic(), None
         for delay in self._retry.delays():
             self._wait_ready(start_s, last)
             try:
-                return method(request, timeout=timeout_s, metadata=self._metadata)
+                return method(request, timeout=timeout_s, metadata=self._admin_metadata if admin else self._metadata)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise translate_error(e, self.address) from e
@@ -232,19 +254,20 @@ class MoerayClient(_ClientBase):
     # -- administration
 
     def status(self) -> ClusterStatus:
-        return status_from_proto(self._unary(self._admin.Status, pb.StatusRequest()))
+        return status_from_proto(self._unary(self._admin.Status, pb.StatusRequest(), admin=True))
 
     def scale(self, group: str, replicas: int) -> AdminResult:
-        return admin_from_proto(self._unary(self._admin.Scale, pb.ScaleRequest(group=group, replicas=replicas)))
+        request = pb.ScaleRequest(group=group, replicas=replicas)
+        return admin_from_proto(self._unary(self._admin.Scale, request, admin=True))
 
     def drain(self, actor: str) -> AdminResult:
-        return admin_from_proto(self._unary(self._admin.Drain, pb.DrainRequest(actor=actor)))
+        return admin_from_proto(self._unary(self._admin.Drain, pb.DrainRequest(actor=actor), admin=True))
 
     def rebalance(self) -> AdminResult:
-        return admin_from_proto(self._unary(self._admin.Rebalance, pb.RebalanceRequest()))
+        return admin_from_proto(self._unary(self._admin.Rebalance, pb.RebalanceRequest(), admin=True))
 
     def metrics(self) -> list[Metric]:
-        return metrics_from_proto(self._unary(self._admin.Metrics, pb.MetricsRequest()))
+        return metrics_from_proto(self._unary(self._admin.Metrics, pb.MetricsRequest(), admin=True))
 
 
 class AsyncMoerayClient(_ClientBase):
@@ -278,12 +301,13 @@ class AsyncMoerayClient(_ClientBase):
         except asyncio.TimeoutError:
             raise unreachable(self.address, time.monotonic() - start_s, last) from None
 
-    async def _unary(self, method, request, timeout_s: float | None = None):
+    async def _unary(self, method, request, timeout_s: float | None = None, admin: bool = False):
         start_s, last = time.monotonic(), None
         for delay in self._retry.delays():
             await self._wait_ready(start_s, last)
             try:
-                return await method(request, timeout=timeout_s, metadata=self._metadata)
+                metadata = self._admin_metadata if admin else self._metadata
+                return await method(request, timeout=timeout_s, metadata=metadata)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise translate_error(e, self.address) from e
@@ -332,20 +356,20 @@ class AsyncMoerayClient(_ClientBase):
         return server_info_from_proto(await self._unary(self._stub.ServerInfo, pb.ServerInfoRequest()))
 
     async def status(self) -> ClusterStatus:
-        return status_from_proto(await self._unary(self._admin.Status, pb.StatusRequest()))
+        return status_from_proto(await self._unary(self._admin.Status, pb.StatusRequest(), admin=True))
 
     async def scale(self, group: str, replicas: int) -> AdminResult:
-        reply = await self._unary(self._admin.Scale, pb.ScaleRequest(group=group, replicas=replicas))
+        reply = await self._unary(self._admin.Scale, pb.ScaleRequest(group=group, replicas=replicas), admin=True)
         return admin_from_proto(reply)
 
     async def drain(self, actor: str) -> AdminResult:
-        return admin_from_proto(await self._unary(self._admin.Drain, pb.DrainRequest(actor=actor)))
+        return admin_from_proto(await self._unary(self._admin.Drain, pb.DrainRequest(actor=actor), admin=True))
 
     async def rebalance(self) -> AdminResult:
-        return admin_from_proto(await self._unary(self._admin.Rebalance, pb.RebalanceRequest()))
+        return admin_from_proto(await self._unary(self._admin.Rebalance, pb.RebalanceRequest(), admin=True))
 
     async def metrics(self) -> list[Metric]:
-        return metrics_from_proto(await self._unary(self._admin.Metrics, pb.MetricsRequest()))
+        return metrics_from_proto(await self._unary(self._admin.Metrics, pb.MetricsRequest(), admin=True))
 
 
 __all__ = [

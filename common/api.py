@@ -1,21 +1,19 @@
-"""The serving API's edge: request validation, the front end's config, the Backend contract, text streaming.
+"""The serving API's request schema: validation of a generation request at the edge (gRPC and HTTP alike).
 
-The gRPC front end (and later the HTTP API) turns a wire request into a dict, validates it here with
-`parse_generate_request`, and talks to the engine through `Backend`. Every rejection is a
-`RequestValidationError` whose message starts with the offending field's name.
+A front end turns a wire request into a dict and validates it here with `parse_generate_request`; every
+rejection is a `RequestValidationError` whose message starts with the offending field's name. The front ends
+themselves (their config, the Backend contract, text streaming) live in actors/frontend_*.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -23,7 +21,7 @@ from pydantic import (
 )
 
 from moeray.common.errors import RequestError
-from moeray.common.sampling import SamplingParams, StepDelta
+from moeray.common.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -291,160 +289,3 @@ def to_sampling_params(request: GenerateRequest) -> SamplingParams:
         top_logprobs=request.top_logprobs,
         structured=dict(request.structured) if request.structured else None,
     )
-
-
-class FrontendConfig(BaseModel):
-    """How the gRPC front end listens and admits requests."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_in_flight: int = Field(256, gt=0, description="requests admitted at once; more get RESOURCE_EXHAUSTED")
-    max_message_bytes: int = Field(4 << 20, gt=0, description="gRPC receive limit per message")
-    max_prompt_bytes: int = Field(DEFAULT_MAX_PROMPT_BYTES, gt=0)
-    auth_token: SecretStr | None = None
-    auth_token_path: Path | None = None
-    tls_cert_path: Path | None = None
-    tls_key_path: Path | None = None
-    grace_s: float = Field(5.0, ge=0, description="how long stop() lets in-flight requests finish")
-    strict_api: bool = Field(False, description="HTTP: refuse unknown request fields instead of ignoring them")
-
-    @model_validator(mode="after")
-    def _check(self) -> FrontendConfig:
-        if self.max_prompt_bytes >= self.max_message_bytes:
-            raise ValueError("max_prompt_bytes must be smaller than max_message_bytes")
-        if self.auth_token is not None and self.auth_token_path is not None:
-            raise ValueError("give auth_token or auth_token_path, not both")
-        if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
-            raise ValueError("auth_token is empty; omit it to turn auth off")
-        if (self.tls_cert_path is None) != (self.tls_key_path is None):
-            raise ValueError("give both tls_cert_path and tls_key_path, or neither")
-        return self
-
-    def resolve_token(self) -> str | None:
-        """The bearer token, read from auth_token_path when given; None when auth is off."""
-        if self.auth_token is not None:
-            return self.auth_token.get_secret_value().strip()
-        if self.auth_token_path is None:
-            return None
-        token = self.auth_token_path.expanduser().read_text().strip()
-        if not token:
-            raise ValueError(f"auth_token_path {self.auth_token_path} is empty; write a token into it")
-        return token
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """One gating actor (or an in-process engine) as the front end sees it.
-
-    The front end may hold several backends; it sends each request to the least-loaded one serving its
-    model. All methods are called from the front end's event loop.
-    """
-
-    model_name: str
-    max_context: int  # prompt + generated tokens at most
-    vocab_size: int
-
-    def tokenize(self, text: str) -> list[int]:
-        """Prompt text -> ids. May be called from a worker thread (long prompts are tokenized off the loop)."""
-        ...
-
-    def detokenize(self, ids: list[int]) -> str:
-        """Text of generated ids, special tokens (EOS) left out; U+FFFD for an incomplete UTF-8 tail."""
-        ...
-
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepDelta]:
-        """Stream the request's new tokens; the last delta has finish_reason set. request_id is unique among
-        requests in flight. Raises RequestError for a request the engine rejects, CapacityError when full,
-        BackendUnavailableError when the engine cannot be reached (the front end then tries another)."""
-        ...
-
-    async def cancel(self, request_id: str) -> None:
-        """Stop the request and free its blocks; a no-op for an unknown or finished request."""
-        ...
-
-    async def status(self) -> dict[str, Any]:
-        """{"table_version": int, "actors": [{"name", "kind", "node", "device", "health", "load", ...}], ...}"""
-        ...
-
-    async def admin(self, op: str, **kwargs: Any) -> dict[str, Any]:
-        """op in "scale" (group, replicas), "drain" (actor), "rebalance", "metrics".
-
-        Returns {"message": str, "table_version": int, ...}; "metrics" returns {"metrics": [{"name", "value",
-        "labels"}]}. Raises RequestError for a bad argument, NotImplementedError for an op not built yet.
-        """
-        ...
-
-    def load(self) -> int:
-        """Requests in flight on this backend."""
-        ...
-
-
-class TextStream:
-    """Turns a request's generated ids into text deltas.
-
-    Each push decodes the whole id list and emits the new suffix, so a multi-byte character split across
-    tokens is never split across deltas: a trailing U+FFFD (an incomplete byte sequence) is held back until
-    more ids complete it. Stop strings are cut: text that might be the start of one is held back, and once
-    one appears the text ends before it and `stopped` is set.
-    """
-
-    def __init__(self, detokenize, stop: Sequence[str] = ()) -> None:
-        self._detokenize = detokenize
-        self._stop = [s for s in stop if s]
-        self._ids: list[int] = []
-        self._emitted = ""
-        self._num_emitted_chars = 0
-        self.stopped = False
-
-    @property
-    def text(self) -> str:
-        """All the text emitted so far."""
-        return self._emitted
-
-    def push(self, ids: Sequence[int]) -> str:
-        """Add ids; return the text that is now safe to emit."""
-        assert not self.stopped, "push after a stop string"
-        self._ids.extend(ids)
-        text = self._detokenize(self._ids)
-        cut = self._find_stop(text)
-        if cut is not None:
-            self.stopped = True
-            return self._emit(text, cut)
-        end = len(text)
-        while end > self._num_emitted_chars and text[end - 1] == "\ufffd":
-            end -= 1
-        end -= self._stop_prefix_len(text[:end])
-        return self._emit(text, end)
-
-    def flush(self) -> str:
-        """At the end of the request: everything not emitted yet, held-back text included."""
-        if self.stopped:
-            return ""
-        text = self._detokenize(self._ids)
-        return self._emit(text, len(text))
-
-    def _emit(self, text: str, end: int) -> str:
-        start = self._num_emitted_chars
-        if end <= start:
-            return ""
-        self._emitted = text[:end]
-        self._num_emitted_chars = end
-        return text[start:end]
-
-    def _find_stop(self, text: str) -> int | None:
-        # Only text not yet emitted can hold a new stop string; look back far enough to catch one that
-        # straddles the emitted boundary.
-        longest = max((len(s) for s in self._stop), default=0)
-        lo = max(0, self._num_emitted_chars - longest + 1)
-        hits = [i for i in (text.find(s, lo) for s in self._stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _stop_prefix_len(self, text: str) -> int:
-        """Length of the longest suffix of text that is a proper prefix of a stop string."""
-        best = 0
-        for s in self._stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best

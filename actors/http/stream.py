@@ -39,14 +39,13 @@ class Piece:
 
     @classmethod
     def of(cls, msg: Any) -> Piece:
-        """The front end's step message (today moeray.v1.GenerateResponse) -> a Piece."""
-        top = [list(zip(t.token_ids, t.logprobs, strict=True)) for t in getattr(msg, "top_logprobs", [])]
-        piece = cls(msg.text, list(msg.token_ids), list(msg.logprobs), top,
+        """The front end's step message (actors/frontend_core.py TextDelta) -> a Piece."""
+        piece = cls(msg.text, list(msg.token_ids), list(msg.logprobs), [list(t) for t in msg.top_logprobs],
                     FINISH_REASONS.get(msg.finish_reason, msg.finish_reason) or None)
-        if msg.HasField("usage"):
+        if msg.usage is not None:
             u = msg.usage
             piece.prompt_tokens, piece.completion_tokens = u.prompt_tokens, u.completion_tokens
-            piece.cached_tokens = getattr(u, "cached_tokens", 0)
+            piece.cached_tokens = u.cached_tokens
         return piece
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeray.common.api import TextStream
+from moeray.actors.text_stream import TextStream
 
 
 def detokenize(ids: list[int]) -> str:
@@ -99,3 +99,30 @@ def test_fuzz_stop_string_never_leaks(text, stop, sizes):
         assert out == text[: text.index(stop)]
     else:
         assert out == text
+
+
+def test_work_is_linear_in_the_output():
+    # the old TextStream decoded the whole output on every push: 2000 pushes decoded ~2M ids
+    decoded = []
+
+    def counting(ids: list[int]) -> str:
+        decoded.append(len(ids))
+        return detokenize(ids)
+
+    ts = TextStream(counting, ["never"])
+    text = "héllo wörld 你好 " * 150  # > 2000 bytes
+    out = "".join(ts.push([i]) for i in ids_of(text)) + ts.flush()
+    assert out == text
+    assert sum(decoded) < 10 * len(ids_of(text))
+
+
+def test_a_tokenizer_that_needs_left_context():
+    # sentencepiece-like: a token's leading space is dropped at the start of a decode
+    vocab = {1: "▁Hello", 2: "▁world", 3: "!"}
+
+    def sp_decode(ids: list[int]) -> str:
+        return "".join(vocab[i] for i in ids).replace("▁", " ").lstrip(" ")
+
+    ts = TextStream(sp_decode)
+    out = [ts.push([1]), ts.push([2]), ts.push([3]), ts.flush()]
+    assert "".join(out) == "Hello world!"

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moeray.actors.frontend_config import FrontendConfig
 from moeray.common.api import (
-    FrontendConfig,
     GenerateRequest,
     ModelSpec,
     RequestValidationError,

@@ -1,17 +1,16 @@
-"""The front end's plain functions (actors/frontend.py) that need no server: parsing, errors, picking, admin."""
+"""The front end's plain functions (actors/frontend_*.py) that need no server: parsing, errors, picking, admin."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 
-from moeray.actors.frontend import (
-    Admission,
-    BearerTokenInterceptor,
+from moeray.actors.frontend_auth import BearerTokenInterceptor
+from moeray.actors.frontend_core import Admission, order_by_load
+from moeray.actors.frontend_wire import (
     UndecodableRequest,
     admin_to_proto,
     metrics_to_proto,
-    order_by_load,
     parse_generate_bytes,
     request_to_dict,
     status_for,
@@ -126,14 +125,45 @@ def test_admin_and_metrics_results():
     assert metrics.metrics[0].labels["actor"] == "g0"
 
 
+GEN, STATUS, SCALE = "/moeray.v1.Moeray/Generate", "/moeray.v1.Admin/Status", "/moeray.v1.Admin/Scale"
+OK, UNAUTH, DENIED = None, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
+
+
+def bearer(token: str) -> tuple:
+    return (("authorization", f"Bearer {token}"),)
+
+
 @pytest.mark.parametrize(
-    ("metadata", "ok"),
+    ("metadata", "expected"),
+    [(bearer("s3cret"), OK), (bearer("wrong"), UNAUTH), ((("authorization", "s3cret"),), UNAUTH), ((), UNAUTH)],
+)
+def test_bearer_token_check(metadata, expected):
+    refusal = BearerTokenInterceptor("s3cret").check(GEN, metadata)
+    assert (refusal[0] if refusal else None) == expected
+
+
+@pytest.mark.parametrize(
+    ("method", "metadata", "expected"),
     [
-        ((("authorization", "Bearer s3cret"),), True),
-        ((("authorization", "Bearer wrong"),), False),
-        ((("authorization", "s3cret"),), False),
-        ((), False),
+        (GEN, bearer("user"), OK),
+        (GEN, bearer("root"), OK),  # the admin token may do anything
+        (STATUS, bearer("user"), OK),  # reading status needs either token
+        (SCALE, bearer("user"), DENIED),  # the inference token cannot change the deployment
+        (SCALE, bearer("root"), OK),
+        (SCALE, (), UNAUTH),
+        ("/grpc.health.v1.Health/Check", (), OK),
     ],
 )
-def test_bearer_token_check(metadata, ok):
-    assert BearerTokenInterceptor("s3cret")._authorized(metadata) is ok
+def test_admin_token_is_kept_apart(method, metadata, expected):
+    refusal = BearerTokenInterceptor("user", "root").check(method, metadata)
+    assert (refusal[0] if refusal else None) == expected
+
+
+def test_without_an_admin_token_admin_writes_are_refused_and_say_how_to_fix():
+    code, message = BearerTokenInterceptor("user").check(SCALE, bearer("user"))
+    assert code == DENIED and "--admin-token-file" in message
+
+
+def test_admin_token_alone_leaves_inference_open():
+    assert BearerTokenInterceptor(None, "root").check(GEN, ()) is None
+    assert BearerTokenInterceptor(None, "root").check(SCALE, ())[0] == UNAUTH

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from moeray.clients.cli import EXIT_UNREACHABLE, build_parser, format_table
+from moeray.clients.cli import EXIT_UNREACHABLE, build_parser, format_table, main
 
 
 def closed_address() -> str:
@@ -64,3 +64,21 @@ def test_generate_defaults(monkeypatch):
     monkeypatch.setenv("MOERAY_TOKEN", "t")
     args = build_parser().parse_args(["generate", "hi", "--stop", "a", "--stop", "b", "--seed", "3"])
     assert (args.address, args.token, args.stop, args.seed, args.max_tokens) == ("example:1", "t", ["a", "b"], 3, 128)
+
+
+def test_serve_refuses_a_public_address_without_a_token(monkeypatch, capsys):
+    monkeypatch.delenv("MOERAY_TOKEN", raising=False)
+    monkeypatch.delenv("MOERAY_ADMIN_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "0.0.0.0" in err and "--token-file" in err and "--insecure" in err
+
+
+def test_client_refuses_a_plaintext_token_to_another_machine():
+    from moeray.clients.client import MoerayClient
+
+    with pytest.raises(ValueError, match="plaintext"):
+        MoerayClient("10.1.2.3:50051", token="s3cret")
+    MoerayClient("10.1.2.3:50051", token="s3cret", allow_plaintext_token=True).close()
+    MoerayClient("127.0.0.1:50051", token="s3cret").close()  # loopback: fine
+    MoerayClient("[::1]:50051", admin_token="root").close()
