@@ -109,6 +109,11 @@ def _flatten_metrics(m: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"name": f"moeray_kv_{key}", "value": float(v), "labels": labels})
         for key, v in (g.get("transport_stats") or {}).items():
             out.append({"name": f"moeray_transport_{key}", "value": float(v), "labels": labels})
+        for pool, st in (g.get("kv_pools") or {}).items():  # KV cache bytes used / cached / free per pool
+            for key, v in st.items():
+                out.append({"name": f"moeray_kv_pool_{key}", "value": float(v), "labels": {**labels, "pool": pool}})
+        for key, v in (g.get("prefix_cache") or {}).items():  # the gating actor's own prefix cache, hit rate
+            out.append({"name": f"moeray_prefix_cache_{key}", "value": float(v), "labels": labels})
     c = m.get("controller")
     if c:
         out.append({"name": "moeray_failovers_total", "value": float(c.get("failovers", 0)), "labels": {}})

@@ -38,6 +38,7 @@ class Scheduler:
         self.blocks = blocks
         self.prefix_lookup = prefix_lookup  # (seq, first block) -> stored blocks from there on (KV store)
         self.prefix_prefetch = prefix_prefetch  # starts that lookup early, off the step thread
+        self._fetched: dict[str, tuple[int, list]] = {}  # request -> (first block, stored blocks) until admitted
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -72,10 +73,11 @@ class Scheduler:
             cached = self._share_prefix(seq)
             n = min(seq.num_tokens - cached, budget)
             if not self.blocks.can_allocate(seq, cached + n, start=cached):
-                self.blocks.free(seq)  # give the shared pages back; look up again next step
+                self.blocks.free(seq)  # give the shared pages back; the stored blocks are kept for next time
                 seq.prefix_payloads = None
                 break
             self.waiting.popleft()
+            self._fetched.pop(seq.request_id, None)
             seq.num_computed = seq.num_cached_prefix = cached
             self.blocks.allocate(seq, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
@@ -91,8 +93,12 @@ class Scheduler:
         b = self.blocks.block_size
         local = self.blocks.match_prefix(seq)
         self.blocks.acquire_prefix(seq, local)
-        if self.prefix_lookup is not None and seq.prefix_payloads is None:
-            seq.prefix_payloads = self.prefix_lookup(seq, local)
+        if self.prefix_lookup is not None:
+            first, stored = self._fetched.get(seq.request_id, (local + 1, []))
+            if first > local:  # nothing fetched yet, or from a later block than now needed
+                first, stored = local, self.prefix_lookup(seq, local)
+                self._fetched[seq.request_id] = (first, stored)
+            seq.prefix_payloads = stored[local - first:]
         return (local + len(seq.prefix_payloads or ())) * b
 
     def after_step(self, chunks: list[ScheduledChunk]) -> None:
@@ -118,6 +124,7 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0
         seq.prefix_payloads = None  # look the store up again at re-admission
+        self._fetched.pop(seq.request_id, None)
         if self.prefix_prefetch is not None:
             self.prefix_prefetch(seq)
         seq.num_preemptions += 1
@@ -133,3 +140,4 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+        self._fetched.pop(seq.request_id, None)
