@@ -95,7 +95,8 @@ class Controller:
         experts = [{"actor_id": a, "group": f.group_of(a), "healthy": f.health.is_healthy(a),
                     "routed": a in f.active.actor_ids, "pending": a in f.pending,
                     "busy_fraction": f.busy_fraction.get(a, 0.0),
-                    **{k: self._stats.get(a, {}).get(k, d) for k, d in (("node_id", ""), ("device", ""), ("rows", 0))}}
+                    **{k: self._stats.get(a, {}).get(k, d) for k, d in (("node_id", ""), ("device", ""), ("dtype", ""),
+                                                                         ("weight_bytes", 0), ("rows", 0))}}
                    for a in sorted(self.actors)]
         return {"table_version": f.active.version, "desired_version": f.desired.version, "experts": experts,
                 "groups": {str(g): a for g, a in f.groups.items()}, "kv_shards": list(self.kv.shards),

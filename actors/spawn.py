@@ -67,8 +67,11 @@ def start_gating(cfg: ServeConfig, deployment: str, table: RoutingTable, expert_
     from moeray.actors.gating import GatingActor
 
     cls = ray.remote(concurrency_groups={"health": 1})(GatingActor)
-    opts: dict[str, Any] = dict(num_cpus=cfg.gating_num_cpus, max_restarts=cfg.max_restarts, max_concurrency=1000,
-                                name=gating_actor_name(deployment, index), namespace=cfg.namespace)
+    from moeray.actors.devices import actor_options
+
+    opts: dict[str, Any] = dict(**actor_options(cfg.gating_device, cfg.gating_num_cpus), max_restarts=cfg.max_restarts,
+                                max_concurrency=1000, name=gating_actor_name(deployment, index),
+                                namespace=cfg.namespace)
     return cls.options(**opts).remote(cfg.model_dump(), table.to_dict(), expert_actors, index, kv_shards, deployment)
 
 
