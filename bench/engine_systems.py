@@ -96,12 +96,11 @@ class LocalSystem:
         from moeray.actors.deploy import build_table
         from moeray.actors.gating import engine_config
         from moeray.engine.engine import Engine
-        from moeray.engine.transport import LocalTransport
-        from moeray.experts.group import ExpertGroup
-        from moeray.models.checkpoint import Checkpoint, load_dense, load_expert_weights
+        from moeray.engine.transport import LocalTransport, local_expert_groups
+        from moeray.models.checkpoint import Checkpoint, load_dense, load_experts_into, new_expert_group
         from moeray.models.config import ModelConfig
         from moeray.models.dtypes import resolve_dtype
-        from moeray.models.registry import build_dense_model, expert_group_kwargs
+        from moeray.models.registry import build_dense_model
 
         cfg = serve_config(path, "local", **overrides)
         model_cfg = ModelConfig.from_pretrained(str(path))
@@ -111,12 +110,8 @@ class LocalSystem:
         dense.eval()
         dtype = resolve_dtype(cfg.dtype, "cpu", reduced_ok=getattr(dense, "reduced_precision", False))
         self.table = build_table(cfg, model_cfg)
-        self.groups = {}
-        for a in self.table.actor_ids:
-            g = ExpertGroup(**expert_group_kwargs(model_cfg), dtype=dtype)
-            for layer, ex in load_expert_weights(model_cfg, ckpt, self.table.actor_slots(a)).items():
-                g.load(layer, ex)
-            self.groups[a] = g
+        self.groups = local_expert_groups(self.table, lambda: new_expert_group(model_cfg, ckpt, dtype=dtype),
+                                          lambda g, slots: load_experts_into(g, model_cfg, ckpt, slots))
         self.transport = LocalTransport(self.groups, self.table)
         self.engine = Engine(dense, self.transport, engine_config(cfg, dtype))
         self.threads = cfg.threads_for("gating")

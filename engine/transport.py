@@ -8,6 +8,7 @@ Legend: N = tokens, K = experts per token, D = hidden.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -67,12 +68,19 @@ class LocalTransport:
     def __init__(self, groups: dict[int, ExpertGroup], table: RoutingTable) -> None:
         self.groups, self.table = groups, table
         self.load = ExpertLoad()
+        # one group behind every actor id (what a transport-local deployment builds, local_expert_groups): no
+        # dispatch plan, one call per layer; it must hold every expert the table routes to
+        self._only = next(iter(groups.values())) if len({id(g) for g in groups.values()}) == 1 else None
 
     def set_table(self, table: RoutingTable) -> None:
         self.table = table
 
     def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         self.load.add(layer, ids, self.table.num_experts)
+        if self._only is not None:
+            n, k = ids.shape
+            rows = torch.arange(n, device=x.device).repeat_interleave(k)  # [N * K]
+            return self._only.forward(layer, x, rows, ids.reshape(-1), weights.reshape(-1))
         batches = plan_dispatch(ids, weights, self.table.layer_slots(layer), layer=layer)
         outs = [self.groups[b.actor_id].forward(layer, gather_inputs(x, b), b.pair_rows, b.slot_ids, b.weights)
                 for b in batches]
@@ -80,3 +88,17 @@ class LocalTransport:
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
+
+
+def local_expert_groups(table: RoutingTable, make_group: Callable[[], Any],
+                        load_into: Callable[[Any, dict[int, list[int]]], None]) -> dict[int, Any]:
+    """In one process the table's expert groups are one group holding every slot, registered under each actor
+    id (LocalTransport then makes one call per layer). make_group() -> an empty group; load_into(group,
+    layer -> expert ids) fills it."""
+    slots: dict[int, set[int]] = {}
+    for a in table.actor_ids:
+        for layer, experts in table.actor_slots(a).items():
+            slots.setdefault(layer, set()).update(experts)
+    group = make_group()
+    load_into(group, {layer: sorted(e) for layer, e in slots.items()})
+    return {a: group for a in table.actor_ids}

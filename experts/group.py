@@ -116,9 +116,12 @@ class ExpertGroup:
         if layer not in self._layers:
             raise KeyError(f"layer {layer} has no experts loaded here (loaded layers: {sorted(self._layers)})")
         out_dtype = out_dtype or x.dtype
-        out = self._forward(layer, x.to(self.device, self.dtype), pair_rows.to(self.device),
-                            expert_ids.to(self.device), weights.to(self.device))
-        return out.to(x.device, out_dtype)
+        if x.device != self.device:  # (moves skipped when they are no-ops: each costs a dispatch at decode sizes)
+            pair_rows, expert_ids, weights = pair_rows.to(self.device), expert_ids.to(self.device), weights.to(
+                self.device)
+        xs = x if x.dtype == self.dtype and x.device == self.device else x.to(self.device, self.dtype)
+        out = self._forward(layer, xs, pair_rows, expert_ids, weights)
+        return out if out.dtype == out_dtype and out.device == x.device else out.to(x.device, out_dtype)
 
     def _forward(self, layer: int, xs: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
@@ -197,11 +200,12 @@ class ExpertGroup:
     def _slot_index(self, layer: int, expert_ids: torch.Tensor) -> torch.Tensor:
         """expert_ids [P] -> slot indices [P]; KeyError naming the experts not held here."""
         table = self._slot_tables[layer]
-        lo, hi = int(expert_ids.min()), int(expert_ids.max())
-        if lo >= 0 and hi < table.numel():
+        try:
             slots = table[expert_ids]
-            if int(slots.min()) >= 0:
-                return slots
+        except IndexError:  # an id beyond the highest held
+            slots = None
+        if slots is not None and not bool(((slots < 0) | (expert_ids < 0)).any()):
+            return slots
         held = sorted(self._layers[layer][0])
         bad = sorted({int(e) for e in expert_ids.tolist() if not 0 <= e < table.numel() or table[e] < 0})
         raise KeyError(f"layer {layer}: experts {bad} are not loaded here (loaded: {held})")

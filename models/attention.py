@@ -93,11 +93,13 @@ class GQAttention(nn.Module):
         v = self.v_proj(x).view(n, self.hkv, self.dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cs = None if rope is None else rope.get(self.rotary.key)
+        key = (self.rotary.key, q.dtype)
+        cs = None if rope is None else rope.get(key)
         if cs is None:
-            cs = self.rotary.cos_sin(positions)
+            cos, sin = self.rotary.cos_sin(positions)
+            cs = cos.to(q.dtype), sin.to(q.dtype)
             if rope is not None:
-                rope[self.rotary.key] = cs
+                rope[key] = cs
         cos, sin = cs
         return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
 
