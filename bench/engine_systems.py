@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import tempfile
 import threading
@@ -204,7 +205,8 @@ class VllmSystem:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
         self.proc = subprocess.Popen([str(python), str(self.script), str(path), dtype], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
+                                     stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env,
+                                     start_new_session=True)  # its engine-core children go with it (close)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         try:
@@ -246,5 +248,5 @@ class VllmSystem:
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()  # the worker we started (its own engine-core child exits with it)
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the worker we started and its engine-core children
         self.script.unlink(missing_ok=True)

@@ -187,6 +187,49 @@ class MLAttention(nn.Module):
         out = attend(qf, k, v, causal_mask(start_pos, n, 0, end, 0), self.scale)
         return self.o_proj(out)
 
+    def forward_batch(self, x: torch.Tensor, seqs: Sequence[Any], layer_id: int) -> torch.Tensor:
+        """The flattened batch x [N, D] -> [N, D]. A batch of decode tokens over the engine's paged cache runs
+        absorbed (`_decode_absorbed`); anything else attends per sequence, re-expanding the context."""
+        meta = paged_batch(seqs, x.device)
+        if meta is not None and len(meta.groups) == 1 and meta.groups[0].out_rows is None:
+            return self._decode_absorbed(x, meta, layer_id)
+        outs, off = [], 0
+        for s in seqs:
+            outs.append(self.forward(x[off:off + s.num_tokens], s.start_pos, s.cache.layer(layer_id)))
+            off += s.num_tokens
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _decode_absorbed(self, x: torch.Tensor, meta: Any, layer_id: int) -> torch.Tensor:
+        """One new token per sequence, kv_b_proj absorbed into the query and the output (DeepSeek's decode form):
+        scores = (q_nope W_uk) . latent + q_rot . k_rope over the cached latents themselves, out = (P latent) W_uv,
+        so the context is never expanded to per-head keys and values. x [S, D] -> [S, D]."""
+        n = x.shape[0]
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q_nope, q_rot = q.view(n, self.h, self.nope + self.rope_dim).split([self.nope, self.rope_dim], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.r, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [S, r]
+        key = (self.rotary.key, q.dtype)
+        if key not in meta.rope:
+            cos, sin = self.rotary.cos_sin(meta.positions)
+            meta.rope[key] = cos.to(q.dtype), sin.to(q.dtype)
+        cos, sin = meta.rope[key]
+        q_rot, k_rot = self.rotary.apply(q_rot, cos, sin), self.rotary.apply(k_rot, cos, sin)
+        meta.write(layer_id, {"latent": latent, "k_rope": k_rot})
+        w = self.kv_b_proj.weight.view(self.h, self.nope + self.vdim, self.r)
+        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # [H, nope, r], [H, v, r]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [S, H, r]
+        g = meta.groups[0]
+        lat, krot = meta.gather(layer_id, "latent", g), meta.gather(layer_id, "k_rope", g)  # [S, L, r], [S, L, R]
+        mask = meta.mask(g, meta.cache.pool_of[layer_id]["latent"], 0)  # [S, 1, 1, L]
+        qk = torch.cat([q_lat, q_rot], dim=-1)[:, :, None, :]  # [S, H, 1, r + R]
+        keys = torch.cat([lat, krot], dim=-1)[:, None]  # [S, 1, L, r + R]
+        ctx = F.scaled_dot_product_attention(qk, keys, lat[:, None], attn_mask=mask, scale=self.scale,
+                                             enable_gqa=True)  # [S, H, 1, r]
+        if hasattr(meta.cache, "batched_decode_calls"):
+            meta.cache.batched_decode_calls += 1
+        out = torch.bmm(ctx[:, :, 0].transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [S, H, v]
+        return self.o_proj(out.reshape(n, self.h * self.vdim))
+
 
 def build_attention(cfg: ModelConfig, layer_id: int) -> nn.Module:
     if cfg.attention_kind == "gqa":

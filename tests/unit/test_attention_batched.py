@@ -1,5 +1,6 @@
-"""Batched GQA attention over the paged cache (one SDPA for a batch of decode tokens) against the per-sequence
-path of the reference's contiguous cache: every step's logits agree and the fast path actually runs."""
+"""Batched GQA and MLA (absorbed) attention over the paged cache (one SDPA for a batch of decode tokens) against
+the per-sequence path of the reference's contiguous cache: every step's logits agree and the fast path actually
+runs."""
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from moeray.models.reference import ReferenceModel
 from moeray.router.table import RoutingTable
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
 def test_batched_decode_matches_per_sequence_reference(family):
     ref = ReferenceModel.from_pretrained(build(family))
     table = RoutingTable.round_robin(list(ref.cfg.moe_layers), ref.cfg.num_experts, 1)
