@@ -1,6 +1,6 @@
 """A DeepSeek-V3 checkpoint in its published FP8 layout through Ray: 2 expert-group actors hold their experts
 packed (weight_bytes <= 1.15x the checkpoint's packed bytes), greedy tokens pass teacher forcing against the
-dequantized model in transformers, and a slot moved by unload/load stays packed."""
+dequantized model in transformers, and a slot moved by unload/load stays packed; `expert_quant` on load through Ray."""
 
 import ray
 import torch
@@ -52,5 +52,29 @@ def test_fp8_checkpoint_on_two_expert_actors(ray_session):
         ray.get(actor.load_slots.remote({layer: [extra]}))
         now = ray.get(actor.loaded.remote())
         assert ray.get(actor.stats.remote())["weight_bytes"] <= 1.15 * _packed_bytes(q, now)
+    finally:
+        dep.shutdown()
+
+
+def test_expert_quant_on_load_through_ray(ray_session):
+    """`expert_quant: mxfp4` on a plain checkpoint: the actors hold MXFP4 bytes and generate what ReferenceModel
+    with the same quantized experts generates (teacher-forced against its logits)."""
+    from support.tiny_models import build
+
+    from moeray.models.reference import ReferenceModel
+
+    path = build("qwen3_moe")
+    dep = deploy(ServeConfig(model=str(path), dtype="float32", num_expert_groups=2, kv_cache_blocks=64,
+                             max_num_batched_tokens=32, controller=False, expert_quant="mxfp4"))
+    try:
+        prompt = torch.randint(2, 128, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+        out = dep.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+        ref = ReferenceModel.from_pretrained(path, expert_quant="mxfp4")
+        logits = ref.forward(torch.tensor([prompt + out.token_ids]))[0]
+        assert teacher_forcing_failures(logits, len(prompt), out.token_ids) == []
+        cfg = ModelConfig.from_pretrained(path)
+        held = sum(ray.get(a.stats.remote())["weight_bytes"] for a in dep.expert_actors.values())
+        fp32 = cfg.num_moe_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+        assert held == fp32 * 4.25 / 32  # every expert in MXFP4: a nibble + an e8m0 byte per 32 weights
     finally:
         dep.shutdown()
