@@ -149,16 +149,17 @@ class BlockManager:
             seq.block_table = SeqBlocks([[] for _ in self.pools])
         return seq.block_table
 
-    def _new_pages(self, pool: _Pool, table: list[int], start: int, upto: int) -> int:
-        first = pool.spec.keep_from(start) // pool.spec.page_tokens
-        return max(0, -(-upto // pool.spec.page_tokens) - max(len(table), first))
+    def _new_pages(self, pool: _Pool, blocks: SeqBlocks, pid: int, start: int, upto: int) -> int:
+        needed_from = pool.spec.keep_from(start) // pool.spec.page_tokens
+        held_to = blocks.first[pid] + len(blocks.tables[pid])
+        return max(0, -(-upto // pool.spec.page_tokens) - max(held_to, needed_from))
 
     def can_allocate(self, seq: Sequence, upto_tokens: int, start: int | None = None) -> bool:
         """Whether the pages to hold tokens [start, upto_tokens) of `seq` (start: seq.num_computed) are free."""
         start = seq.num_computed if start is None else start
         blocks = self._blocks(seq)
-        return all(self._new_pages(p, t, start, upto_tokens) <= p.num_free
-                   for p, t in zip(self.pools, blocks.tables, strict=True))
+        return all(self._new_pages(p, blocks, pid, start, upto_tokens) <= p.num_free
+                   for pid, p in enumerate(self.pools))
 
     def allocate(self, seq: Sequence, upto_tokens: int, start: int | None = None) -> None:
         """Grow `seq`'s tables to hold tokens [start, upto_tokens), dropping window pages before the window
@@ -166,11 +167,9 @@ class BlockManager:
         start = seq.num_computed if start is None else start
         blocks = self._blocks(seq)
         for pid, (pool, table) in enumerate(zip(self.pools, blocks.tables, strict=True)):
-            need = self._new_pages(pool, table, start, upto_tokens)
+            need = self._new_pages(pool, blocks, pid, start, upto_tokens)
             assert need <= pool.num_free, (pool.spec.name, need, pool.num_free)
             self._drop_before(blocks, pid, start)
-            first = pool.spec.keep_from(start) // pool.spec.page_tokens
-            table.extend([-1] * (first - len(table)))
             for _ in range(need):
                 table.append(pool.take(self.stats))
 
@@ -185,21 +184,22 @@ class BlockManager:
         pool, table = self.pools[pid], blocks.tables[pid]
         if not pool.spec.window:
             return
-        first = min(len(table), pool.spec.keep_from(next_pos) // pool.spec.page_tokens)
-        for i in range(first):
-            if table[i] >= 0:
-                pool.release(table[i])
-                table[i] = -1
+        needed_from = pool.spec.keep_from(next_pos) // pool.spec.page_tokens
+        drop = max(0, min(len(table), needed_from - blocks.first[pid]))
+        for page in table[:drop]:
+            pool.release(page)
+        del table[:drop]
+        blocks.first[pid] = max(blocks.first[pid] + drop, needed_from) if not table else blocks.first[pid] + drop
 
     def free(self, seq: Sequence) -> None:
         """Release all of `seq`'s pages (complete blocks stay cached); its keys are kept (mutates seq)."""
         blocks = self._blocks(seq)
         self.commit(seq)
-        for pool, table in zip(self.pools, blocks.tables, strict=True):
+        for pid, (pool, table) in enumerate(zip(self.pools, blocks.tables, strict=True)):
             for page in table:
-                if page >= 0:
-                    pool.release(page)
+                pool.release(page)
             table.clear()
+            blocks.first[pid] = 0
         blocks.num_committed = blocks.store_from = 0
 
     # ---- the local prefix cache --------------------------------------------------------------------
@@ -222,13 +222,13 @@ class BlockManager:
         if done <= blocks.num_committed:
             return
         keys = self.keys(seq, done)
-        for pool, table in zip(self.pools, blocks.tables, strict=True):
+        for pid, pool in enumerate(self.pools):
             per = self.block_size // pool.spec.page_tokens  # pages per block
             for j in range(blocks.num_committed, done):
                 for q in range(per):
-                    i = j * per + q
-                    if i < len(table) and table[i] >= 0:
-                        pool.register(keys[j] if not pool.spec.window else (keys[j], q), table[i])
+                    page = blocks.page(pid, j * per + q)
+                    if page >= 0:
+                        pool.register(keys[j] if not pool.spec.window else (keys[j], q), page)
         blocks.num_committed = done
 
     def match_prefix(self, seq: Sequence) -> int:
@@ -267,10 +267,10 @@ class BlockManager:
         blocks = self._blocks(seq)
         assert all(not t for t in blocks.tables), "acquire_prefix on a sequence that holds pages"
         keys = self.keys(seq, k)
-        for pool, table in zip(self.pools, blocks.tables, strict=True):
+        for pid, (pool, table) in enumerate(zip(self.pools, blocks.tables, strict=True)):
             if pool.spec.window:
                 pages = self._window_pages(pool.spec, k)
-                table.extend([-1] * pages.start)
+                blocks.first[pid] = pages.start
                 found = [pool.page_of[self._window_key(pool.spec, keys, i)] for i in pages]
             else:
                 found = [pool.page_of[key] for key in keys]

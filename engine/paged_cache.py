@@ -7,8 +7,9 @@ A pool groups the cached tensors (of every layer) that share `tokens_per_row` an
     window/W    V4 sliding-window K=V, GQA windows     small pages; pages a future query cannot read are freed
     window/2m   V4 compressor inputs of the open window
 
-A sequence holds one page table per pool (`SeqBlocks.tables`, -1 where a window page was dropped). Row r of
-a tensor in pool P lives at storage row `table[P][r // rpp] * rpp + r % rpp` (rpp = rows per page). Storage is
+A sequence holds one page table per pool (`SeqBlocks.tables`; a window pool's table starts at page
+`SeqBlocks.first[P]`, the pages before it dropped). Row r of a tensor in pool P lives at storage row
+`table[P][r // rpp - first[P]] * rpp + r % rpp` (rpp = rows per page). Storage is
 in the cache dtype (float32 / bfloat16 / fp8_e4m3, the latter held as raw bytes); reads return the compute
 dtype, so the `none` codec sees exactly what is stored. Attention modules see a `LayerCache` (`write` /
 `read`), so the same model code runs over this cache and over the reference's contiguous one.
@@ -91,15 +92,27 @@ def plan_pools(spec: ModelCacheSpec, block_size: int) -> tuple[PoolSpec, ...]:
 
 @dataclass(slots=True)
 class SeqBlocks:
-    """One sequence's pages: a table per pool (-1 = a dropped window page) and its block keys so far."""
+    """One sequence's pages: a table per pool, starting at page `first[pool]` (window pools drop the pages
+    before it), and its block keys so far."""
 
     tables: list[list[int]]
+    first: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
     num_committed: int = 0  # leading full blocks registered with the local prefix cache
     store_from: int = 0  # blocks before this came from the local cache (not re-written to the KV store)
 
+    def __post_init__(self) -> None:
+        if not self.first:
+            self.first = [0] * len(self.tables)
+
     def num_held(self, pool_id: int) -> int:
-        return sum(1 for p in self.tables[pool_id] if p >= 0)
+        return len(self.tables[pool_id])
+
+    def page(self, pool_id: int, i: int) -> int:
+        """The page holding page index i of the sequence in `pool_id`, -1 if dropped or not allocated."""
+        j = i - self.first[pool_id]
+        table = self.tables[pool_id]
+        return table[j] if 0 <= j < len(table) else -1
 
 
 class PagedKVCache:
@@ -137,16 +150,16 @@ class PagedKVCache:
             rows = rows.view(self.dtype)
         return rows.to(dtype or self.compute_dtype)
 
-    def index(self, table: torch.Tensor, pool: PoolSpec, start_row: int, end_row: int) -> torch.Tensor:
-        """Storage rows of a sequence's rows [start_row, end_row) in `pool` ([n] long)."""
+    def index(self, table: torch.Tensor, first: int, pool: PoolSpec, start_row: int, end_row: int) -> torch.Tensor:
+        """Storage rows of a sequence's rows [start_row, end_row) in `pool` ([n] long); `table` starts at page
+        index `first`."""
         rpp = pool.rows_per_page
-        r = torch.arange(start_row, end_row)
-        if end_row > table.numel() * rpp:
-            raise AssertionError(f"{pool.name} row {end_row - 1} beyond the {table.numel()} allocated pages")
-        pages = table[r // rpp]
-        if end_row > start_row and int(pages.min()) < 0:
+        if end_row > (first + table.numel()) * rpp:
+            raise AssertionError(f"{pool.name} row {end_row - 1} beyond the {first + table.numel()} allocated pages")
+        if start_row < first * rpp and end_row > start_row:
             raise AssertionError(f"{pool.name} rows {start_row}..{end_row - 1} reach a dropped window page")
-        return pages * rpp + r % rpp
+        r = torch.arange(start_row, end_row)
+        return table[r // rpp - first] * rpp + r % rpp
 
     # ---- batched decode (one new token per sequence) -----------------------------------------------------
     def decode_write_gather(self, layer_id: int, views: list[SeqCacheView], positions: torch.Tensor,
@@ -163,6 +176,7 @@ class PagedKVCache:
         pid = pids.pop()
         pool = self.pools[pid]
         assert pool.window == 0 and pool.tokens_per_row == 1, "batched decode needs a full pool, one row per token"
+        assert all(v.first[pid] == 0 for v in views)
         b = pool.page_tokens
         store = self.storage[layer_id]
         tables = torch.nn.utils.rnn.pad_sequence([v.tables[pid] for v in views], batch_first=True)  # [S, pages]
@@ -195,7 +209,8 @@ class PagedKVCache:
             rows = {}
             for name, store in layer.items():
                 pid = self.pool_of[layer_id][name]
-                idx = self.index(tables[pid], self.pools[pid], *self.block_rows(self.pools[pid], block))
+                pool = self.pools[pid]
+                idx = self.index(tables[pid], blocks.first[pid], pool, *self.block_rows(pool, block))
                 rows[name] = self._from_store(store.index_select(0, idx), self.dtype)
             out.append(rows)
         return out
@@ -207,13 +222,12 @@ class PagedKVCache:
         for layer_id, (layer, rows) in enumerate(zip(self.storage, payload, strict=True)):
             for name, store in layer.items():
                 pid = self.pool_of[layer_id][name]
-                pool, table = self.pools[pid], tables[pid]
+                pool, table, first = self.pools[pid], tables[pid], blocks.first[pid]
                 lo, hi = self.block_rows(pool, block)
-                held = lo
-                while held < hi and int(table[held // pool.rows_per_page]) < 0:
-                    held += 1
+                held = max(lo, first * pool.rows_per_page)
                 if held < hi:
-                    store.index_copy_(0, self.index(table, pool, held, hi), self._to_store(rows[name][held - lo:]))
+                    store.index_copy_(0, self.index(table, first, pool, held, hi),
+                                      self._to_store(rows[name][held - lo:]))
 
 
 class SeqCacheView:
@@ -224,6 +238,7 @@ class SeqCacheView:
         self.cache = cache
         self.batch = cache
         self.tables = [torch.tensor(t, dtype=torch.long) for t in blocks.tables]
+        self.first = list(blocks.first)
 
     def layer(self, layer_id: int) -> _LayerView:
         return _LayerView(self, layer_id)
@@ -238,7 +253,7 @@ class _LayerView:
     def _index(self, name: str, start_row: int, end_row: int) -> torch.Tensor:
         c = self.seq.cache
         pid = c.pool_of[self.layer_id][name]
-        return c.index(self.seq.tables[pid], c.pools[pid], start_row, end_row)
+        return c.index(self.seq.tables[pid], self.seq.first[pid], c.pools[pid], start_row, end_row)
 
     def write(self, name: str, start_row: int, rows: torch.Tensor) -> None:
         c = self.seq.cache
