@@ -6,7 +6,8 @@ step is a fixed number of batched tensor ops over [S, V]; the only per-row work 
 requests from their own generators (the draw depends only on (seed, position), so a seeded request gives the same
 tokens on every transport, after preemption and after a resume on another gating actor).
 
-Sampling is the exponential race: token = argmax(p / q), q ~ Exp(1) per token, which is a draw from p.
+Draws: one batched torch.multinomial for unseeded rows, the inverse CDF of a uniform from the request's own
+generator for seeded ones.
 Log-probabilities are those of the raw model distribution (vLLM's default `raw_logprobs`), before any penalty,
 mask or temperature.
 
@@ -130,35 +131,76 @@ def _counts(id_lists: list[list[int]], V: int) -> torch.Tensor:
 
 
 def _draw(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """x [R, V] processed logits of the sampled rows -> [R] tokens, after temperature, top-k, top-p, min-p."""
+    """x [R, V] processed logits of the sampled rows -> [R] tokens, after temperature, top-k, top-p, min-p.
+
+    Rows fall into three groups, each done in one go: top-k rows work on the k largest logits only (torch.topk,
+    then top-p inside them), top-p rows on the fully sorted row, the rest on the whole row unsorted.
+    """
     params = [s.params for s in seqs]
     R, V = x.shape
     temp = torch.tensor([p.temperature for p in params], dtype=x.dtype)
     y = x / temp[:, None]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params])
-    top_p = torch.tensor([p.top_p for p in params], dtype=x.dtype)
-    if (top_k < V).any() or (top_p < 1.0).any():
-        vals, order = y.sort(-1, descending=True)
-        vals.masked_fill_(torch.arange(V)[None, :] >= top_k[:, None], NEG_INF)
-        if (top_p < 1.0).any():
-            probs = vals.softmax(-1)
-            before = probs.cumsum(-1) - probs  # mass of the more likely tokens: keep the smallest prefix reaching top_p
-            vals.masked_fill_(before >= top_p[:, None], NEG_INF)
-        y = torch.empty_like(y).scatter_(1, order, vals)
-    probs = y.softmax(-1)
-    min_p = torch.tensor([p.min_p for p in params], dtype=x.dtype)
+    tokens = torch.empty(R, dtype=torch.long)
+    with_k = [r for r, p in enumerate(params) if 0 < p.top_k < V]
+    with_p = [r for r, p in enumerate(params) if not 0 < p.top_k < V and p.top_p < 1.0]
+    rest = [r for r, p in enumerate(params) if not 0 < p.top_k < V and p.top_p >= 1.0]
+    if with_k:
+        k = torch.tensor([params[r].top_k for r in with_k])
+        vals, ids = y[with_k].topk(int(k.max()), -1)  # sorted, largest first
+        vals.masked_fill_(torch.arange(vals.shape[1])[None, :] >= k[:, None], NEG_INF)
+        tokens[with_k] = ids.gather(1, _pick(_top_p(vals, [params[r] for r in with_k]), _rows(seqs, with_k)))[:, 0]
+    if with_p:
+        vals, ids = y[with_p].sort(-1, descending=True)
+        tokens[with_p] = ids.gather(1, _pick(_top_p(vals, [params[r] for r in with_p]), _rows(seqs, with_p)))[:, 0]
+    if rest:
+        tokens[rest] = _pick(_min_p(y[rest].softmax(-1), [params[r] for r in rest]), _rows(seqs, rest))[:, 0]
+    return tokens
+
+
+def _rows(seqs: list[Sequence], rows: list[int]) -> list[Sequence]:
+    return [seqs[r] for r in rows]
+
+
+def _top_p(vals: torch.Tensor, params) -> torch.Tensor:
+    """Sorted logits (largest first) -> probabilities after top-p (the smallest prefix reaching it) and min-p."""
+    probs = vals.softmax(-1)
+    top_p = torch.tensor([p.top_p for p in params], dtype=vals.dtype)
+    if (top_p < 1.0).any():
+        before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+        probs = probs.masked_fill(before >= top_p[:, None], 0.0)
+    return _min_p(probs, params)
+
+
+def _min_p(probs: torch.Tensor, params) -> torch.Tensor:
+    min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype)
     if (min_p > 0).any():
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
-    q = torch.empty(R, V, dtype=x.dtype)
-    unseeded = [r for r, p in enumerate(params) if p.seed is None]
+    return probs
+
+
+def _pick(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """probs [R, W] (unnormalised) -> [R, 1] column drawn per row. Unseeded rows: one batched multinomial;
+    seeded rows: a uniform from the request's generator, reseeded from (seed, position), then the inverse CDF."""
+    probs = probs.nan_to_num(0.0)
+    empty = probs.sum(-1) <= 0  # every token masked (cannot happen with a grammar, which always allows one)
+    if empty.any():
+        probs[empty, 0] = 1.0
+    out = torch.empty(len(seqs), 1, dtype=torch.long)
+    seeded = [r for r, s in enumerate(seqs) if s.params.seed is not None]
+    unseeded = [r for r, s in enumerate(seqs) if s.params.seed is None]
     if unseeded:
-        q[unseeded] = torch.empty(len(unseeded), V, dtype=x.dtype).exponential_()
-    for r, (s, p) in enumerate(zip(seqs, params, strict=True)):
-        if p.seed is not None:
+        out[unseeded] = torch.multinomial(probs[unseeded], 1)
+    if seeded:
+        u = torch.empty(len(seeded), 1, dtype=probs.dtype)
+        for i, r in enumerate(seeded):
+            s = seqs[r]
             g = s.generator if s.generator is not None else torch.Generator()
-            g.manual_seed((p.seed * 1_000_003 + s.num_tokens) % (2**63))
-            q[r].exponential_(generator=g)
-    return (probs.nan_to_num_(0.0) / q).argmax(-1)
+            g.manual_seed((s.params.seed * 1_000_003 + s.num_tokens) % (2**63))
+            u[i] = torch.rand(1, generator=g, dtype=probs.dtype)
+        cdf = probs[seeded].cumsum(-1)
+        pos = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+        out[seeded] = pos.clamp_(max=probs.shape[1] - 1)
+    return out
 
 
 def _logprobs(raw: torch.Tensor, params, tokens: list[int]) -> tuple[list[float | None], list[TopLogprobs | None]]:
