@@ -27,6 +27,7 @@ from torch import nn
 from moeray.common.errors import CheckpointError, ConfigError
 from moeray.experts.group import ExpertGroup
 from moeray.experts.quant_formats import (
+    MX_GROUP,
     dequant_fp8_blocks,
     dequant_mxfp4,
     quantize_fp8_blocks,
@@ -269,6 +270,9 @@ def load_packed_experts(cfg: ModelConfig, ckpt: Checkpoint, slots: dict[int, lis
         raise CheckpointError(f"{ckpt.path}: the routed experts are stored unquantized; load them with "
                               "load_expert_weights, or set expert_quant to quantize them on load")
     d, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    if ckpt.expert_quant == "mxfp4" and (d % MX_GROUP or inter % MX_GROUP):
+        raise ConfigError(f"expert_quant: 'mxfp4' needs hidden_size ({d}) and moe_intermediate_size ({inter}) to be "
+                          f"multiples of {MX_GROUP} (one scale per {MX_GROUP} inputs); use int8 or fp8")
     out: dict[int, dict[int, PackedExpert]] = {}
     for layer, experts in slots.items():
         _check_slots(cfg, layer, experts)

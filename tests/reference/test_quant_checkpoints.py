@@ -190,3 +190,15 @@ def test_transformers_fp8_loading_agrees():
     # transformers 5.24 dequantizes block-aligned FP8 into the model's dtype (float32 here): the same protocol
     # tolerance applies (measured: 1.2e-7)
     assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_expert_quant_mxfp4_needs_widths_of_32(tmp_path):
+    from support.tiny_models import build
+
+    src = build("qwen2_moe")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 24  # refused from the config, before any expert tensor is read
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").symlink_to(src / "model.safetensors")
+    with pytest.raises(ConfigError, match="expert_quant: 'mxfp4' needs"):
+        ReferenceModel.from_pretrained(tmp_path, expert_quant="mxfp4")
