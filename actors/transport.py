@@ -62,13 +62,16 @@ class RayBackend:
 
 
 class RayTransport:
-    """ExpertTransport over Ray actors. `wire_dtype`: what rows travel in (the experts' compute dtype)."""
-
-    overlaps = True
+    """ExpertTransport over Ray actors. `wire_dtype`: what rows travel in (the experts' compute dtype).
+    `overlaps`: whether the experts compute on resources of their own (an accelerator), so that splitting a
+    step into micro-batches can hide their calls; on CPU actors sharing the gating actor's cores it only adds
+    calls (measured by bench/dispatch.py --compare-mb1), so the default micro-batch choice then stays at 1."""
 
     def __init__(self, actors: dict[int, Any], table: RoutingTable, call_timeout_s: float = 60.0,
-                 wire_dtype: torch.dtype = torch.float32, policy: FailoverPolicy | None = None) -> None:
+                 wire_dtype: torch.dtype = torch.float32, policy: FailoverPolicy | None = None,
+                 overlaps: bool = False) -> None:
         self.table = table
+        self.overlaps = overlaps
         self.wire_dtype = wire_dtype
         self.backend = RayBackend(dict(actors))
         self.caller = FailoverCaller(self.backend, policy or FailoverPolicy(call_timeout_s=call_timeout_s), pack_rows)

@@ -124,15 +124,22 @@ def _probe_tokens(dep, ray_tr, local_tr, t: int, repeats: int, dtype: torch.dtyp
             "overhead_over_fanout": over / med["fanout"], "ray_over_local": med["ray"] / med["local"]}
 
 
-def end_to_end(dep, local, batches, output_len: int, rounds: int, vocab: int) -> dict[int, dict[str, Any]]:
+def end_to_end(dep, local, batches, output_len: int, rounds: int, vocab: int,
+               dep_mb1=None) -> dict[int, dict[str, Any]]:
+    """`dep_mb1`: a second deployment with micro_batches=1, measured in the same rounds (ping-pong on vs off)."""
     from moeray.bench.engine import make_prompts
     from moeray.common import SamplingParams
 
     sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    res: dict[int, dict[str, list]] = {b: {"ray": [], "local": [], "hidden": [], "same": []} for b in batches}
+    res: dict[int, dict[str, list]] = {b: {"ray": [], "local": [], "hidden": [], "same": [], "mb1": []}
+                                       for b in batches}
     for _ in range(rounds):
         for b in batches:
             prompts = make_prompts(b, 64, vocab, 0)
+            if dep_mb1 is not None:
+                t0 = time.perf_counter()
+                dep_mb1.generate(prompts, sp)
+                res[b]["mb1"].append(b * output_len / (time.perf_counter() - t0))
             t0 = time.perf_counter()
             lo = [o.token_ids for o in local.generate(prompts, sp)]
             res[b]["local"].append(b * output_len / (time.perf_counter() - t0))
@@ -151,6 +158,9 @@ def end_to_end(dep, local, batches, output_len: int, rounds: int, vocab: int) ->
         out[b] = {"ray_tok_s": ray_tps, "local_tok_s": loc_tps, "ray_over_local": ray_tps / loc_tps,
                   "hidden_fraction": statistics.median(r["hidden"]), "outputs_identical": all(r["same"]),
                   "ray_over_local_rounds": [a / c for a, c in zip(r["ray"], r["local"], strict=True)]}
+        if r["mb1"]:
+            out[b]["ray_mb1_over_local"] = statistics.median(r["mb1"]) / loc_tps
+            out[b]["ray_over_ray_mb1_rounds"] = [a / c for a, c in zip(r["ray"], r["mb1"], strict=True)]
     return out
 
 
@@ -161,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batches", type=int, default=0, help="ServeConfig.micro_batches of the Ray system")
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--compare-mb1", action="store_true", help="also a micro_batches=1 deployment, same rounds")
     p.add_argument("--out", type=Path, default=Path("bench/results/dispatch.json"))
     args = p.parse_args(argv)
     import ray
@@ -189,11 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_e2e:
             print("[2/2] end to end ...", flush=True)
             vocab = dep.model_cfg.vocab_size
-            res["e2e"] = end_to_end(dep, local, BATCHES, args.output_len, 1 if args.quick else 3, vocab)
+            dep_mb1 = build_systems(path, args.dtype, 1)[0] if args.compare_mb1 else None
+            try:
+                res["e2e"] = end_to_end(dep, local, BATCHES, args.output_len, 1 if args.quick else 3, vocab,
+                                        dep_mb1)
+            finally:
+                if dep_mb1 is not None:
+                    dep_mb1.shutdown()
             for b, r in res["e2e"].items():
+                mb1 = f"  micro_batches=1: ray/local {r['ray_mb1_over_local']:.2f}" if "ray_mb1_over_local" in r else ""
                 print(f"B={b:3d} ray {r['ray_tok_s']:7.1f} tok/s  local {r['local_tok_s']:7.1f}  ray/local "
                       f"{r['ray_over_local']:.2f}  hidden {r['hidden_fraction']:.2f}  identical "
-                      f"{r['outputs_identical']}", flush=True)
+                      f"{r['outputs_identical']}{mb1}", flush=True)
         res["goals"] = {"overhead_over_fanout": 1.3, "ray_over_local": {1: 0.25, 16: 0.7, 64: 0.7}}
         write_json(args.out, res)
         print(f"wrote {args.out}")

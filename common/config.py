@@ -90,7 +90,7 @@ class ServeConfig(BaseModel):
     torch_threads: int | None = Field(None, ge=1)
     transport: Literal["ray", "local"] = "ray"
     # micro-batches per step, run as a ping-pong (one's attention while another's experts run); 0: chosen per
-    # step from the batch (2 for 8+ sequences on the ray transport, else 1)
+    # step (2 for 8+ sequences when the experts are on accelerators, else 1)
     micro_batches: int = Field(0, ge=0, le=8)
     block_size: int = Field(16, ge=1)
     kv_cache_blocks: int = Field(1024, ge=1)
