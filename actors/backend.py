@@ -1,4 +1,4 @@
-"""The front end's Backend (moeray.common.api.Backend) over a Deployment: one per gating actor."""
+"""The front end's Backend (actors/frontend_backend.py) over a Deployment: one per gating actor."""
 
 from __future__ import annotations
 

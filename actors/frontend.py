@@ -50,14 +50,6 @@ class FrontendServer:
         return await self.grpc_server.wait_for_termination(timeout)
 
 
-def _server_credentials(config: FrontendConfig) -> grpc.ServerCredentials | None:
-    if config.tls_cert_path is None:
-        return None
-    key = config.tls_key_path.expanduser().read_bytes()
-    cert = config.tls_cert_path.expanduser().read_bytes()
-    return grpc.ssl_server_credentials([(key, cert)])
-
-
 async def serve_frontend(
     backends: Sequence[Backend],
     host: str = "127.0.0.1",

@@ -25,6 +25,7 @@ from moeray.actors.text_stream import TextStream
 from moeray.common.api import (
     GenerateRequest,
     ModelSpec,
+    Usage,
     parse_generate_request,
     to_sampling_params,
     validate_prompt_length,
@@ -37,15 +38,6 @@ logger = logging.getLogger(__name__)
 
 LONG_PROMPT_CHARS = 16384  # tokenize longer prompts off the event loop
 CANCEL_TIMEOUT_S = 10.0
-
-
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    time_to_first_token_s: float
-    total_s: float
-    cached_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -110,6 +110,7 @@ class GatingActor:
         self._step_s = 0.0
         self._t_submit: dict[str, float] = {}
         self._t_last: dict[str, float] = {}
+        self._kv_written = 0  # acknowledged KV-store writes already counted in the metric
         from moeray.actors.metrics import GatingMetrics
 
         self.metrics = GatingMetrics(index)
@@ -231,6 +232,11 @@ class GatingActor:
                 self._t_last.pop(d.request_id, None)
                 if d.num_cached_tokens:
                     self.metrics.kv_hit_tokens.inc(d.num_cached_tokens)
+        if self.kv_client is not None:  # blocks whose write-through all replicas acknowledged
+            written = self.kv_client.num_acked
+            if written > self._kv_written:
+                self.metrics.kv_written.inc(written - self._kv_written)
+                self._kv_written = written
         self.metrics.queue.set(len(self.engine.scheduler.waiting))
         self.metrics.running.set(len(self.engine.scheduler.running))
         self.metrics.kv_cache(self.engine.blocks.cache_stats()["hit_rate"], self.engine.blocks.usage())

@@ -173,9 +173,11 @@ class GatingHandle(_Handle):
 class ExpertHandle(_Handle):
     role = "expert actor"
 
-    def forward(self, layer: int, x: Any, pair_rows: Any, slot_ids: Any, weights: Any) -> Reply[Any]:
-        """x [M, D], pair_rows/slot_ids/weights [P] (numpy) -> [M, D] weighted expert outputs."""
-        return self._call("forward", layer, x, pair_rows, slot_ids, weights)
+    def forward(self, layer: int, x: Any, meta: Any) -> Reply[Any]:
+        """x [M, D] rows, meta [3, P] (pair rows, expert ids, gate weights; engine/wire.py) -> [M, D] weighted
+        expert outputs. The engine's step thread calls experts through actors/transport.py, which waits on many
+        calls at once (`Reply.future()`) and classifies their errors with `classify`."""
+        return self._call("forward", layer, x, meta)
 
     def load_slots(self, slots: dict[int, list[int]]) -> Reply[dict[int, list[int]]]:
         return self._call("load_slots", slots)

@@ -41,6 +41,14 @@ def table_key(deployment: str) -> bytes:
     return f"moeray/{deployment}/routing_table".encode()
 
 
+HEAD_RESOURCE = "moeray_head"  # cluster.yaml gives the head node one: the controller and KV shards go there
+
+
+def _on_head() -> dict[str, Any]:
+    """Actor options that pin to the head node when the cluster declares HEAD_RESOURCE (else nothing)."""
+    return {"resources": {HEAD_RESOURCE: 0.01}} if ray.cluster_resources().get(HEAD_RESOURCE) else {}
+
+
 def start_expert(cfg: ServeConfig, deployment: str, actor_id: int, slots: dict[int, list[int]]) -> Any:
     """One expert-group actor holding `slots` (layer -> expert ids), restartable by Ray."""
     return make_expert_actor(cfg.model, slots, actor_id, cfg.device, cfg.expert_num_cpus, cfg.allow_cpu_fallback,
@@ -56,7 +64,7 @@ def start_kv_shard(cfg: ServeConfig, deployment: str, shard_id: str) -> Any:
                                                                                                       shard_id))
     spill_bytes = None if kv.spill_capacity_mb is None else int(kv.spill_capacity_mb * 2**20)
     cls = ray.remote(concurrency_groups={"health": 1})(KVShardActor)
-    return cls.options(num_cpus=kv.shard_num_cpus, max_restarts=cfg.max_restarts,
+    return cls.options(num_cpus=kv.shard_num_cpus, max_restarts=cfg.max_restarts, **_on_head(),
                        name=kv_shard_name(deployment, shard_id), namespace=cfg.namespace).remote(
         shard_id, int(kv.shard_capacity_mb * 2**20), spill_dir, spill_bytes)
 
@@ -82,7 +90,7 @@ def start_controller(cfg: ServeConfig, deployment: str, table: RoutingTable, gro
 
     cls = ray.remote(concurrency_groups={"health": 1})(Controller)
     h = cls.options(name=controller_name(deployment), namespace=cfg.namespace, lifetime="detached",
-                    num_cpus=0, max_restarts=-1, max_concurrency=100).remote(
+                    num_cpus=0, max_restarts=-1, max_concurrency=100, **_on_head()).remote(
         cfg.model_dump(), deployment, table.to_dict(), groups, gating, kv_shards)
     ControllerHandle(h, deployment).start().result()
     return h

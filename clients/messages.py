@@ -11,19 +11,11 @@ from dataclasses import dataclass, field
 import grpc
 
 from moeray.clients.proto import moeray_pb2 as pb
+from moeray.common.api import Usage
 from moeray.common.errors import CapacityError, MoerayError, RequestCancelledError, RequestError
 
 # ---------------------------------------------------------------------------------------------------------
 # Results
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    time_to_first_token_s: float
-    total_s: float
-    cached_tokens: int = 0  # prompt tokens whose KV came from the cache instead of being computed
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ themselves (their config, the Backend contract, text streaming) live in actors/f
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import (
@@ -28,6 +29,17 @@ MAX_STOP_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 DEFAULT_MAX_PROMPT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one request used, sent with its last answer (gRPC's Usage message, the client's `Usage`)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    total_s: float
+    cached_tokens: int = 0  # prompt tokens whose KV came from the cache instead of being computed
 
 
 class RequestValidationError(RequestError):

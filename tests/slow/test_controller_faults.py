@@ -10,6 +10,7 @@ from support.tiny_models import build, build_skewed, load_hf
 from support.waiting import wait_for
 
 from moeray.actors.deploy import deploy
+from moeray.actors.kvshard import RayKVClient
 from moeray.common import SamplingParams
 from moeray.common.config import AutoscaleConfig, KVStoreConfig, ServeConfig
 from moeray.kvstore.ring import HashRing
@@ -77,6 +78,9 @@ def test_lost_kv_shard_gets_its_blocks_back(dep):
     should_hold = {k for k in acked if victim in ring.owners(k)}
     assert should_hold
     ray.kill(dep.kv_shards[victim], no_restart=False)  # Ray restarts it empty; the controller repairs it
+    # no acknowledged block is lost: every one reads back through the engine's client from a surviving replica
+    client = RayKVClient(dep.kv_shards, replication=2)
+    assert [k for k in acked if client.get_many([k]) == [None]] == []
 
     def repaired():
         try:
@@ -87,3 +91,4 @@ def test_lost_kv_shard_gets_its_blocks_back(dep):
         return should_hold <= keys
 
     wait_for(repaired)
+    assert [k for k in acked if client.get_many([k]) == [None]] == []  # and after the repair

@@ -2,7 +2,6 @@
 completes and passes the teacher-forcing check (`none` codec)."""
 
 import asyncio
-import time
 
 import pytest
 import ray
@@ -73,20 +72,27 @@ def test_gating_actor_killed_mid_stream(dep):
     sp = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
     killed = []
 
+    cached = {}
+
     async def run():
         async def one(i):
             toks = []
             async for d in dep.stream(f"gk-{i}", ps[i], sp):
                 toks += d.token_ids
+                if d.finish_reason is not None:
+                    cached[i] = d.num_cached_tokens
                 if i == 0 and len(toks) >= 10 and not killed:
-                    killed.append(time.monotonic())
+                    killed.append(len(toks))
                     ray.kill(dep.gating[0], no_restart=False)  # Ray restarts it; the streams must go on
             return toks
         return await asyncio.gather(*[one(i) for i in range(len(ps))])
 
     before = dep.failovers
     toks = asyncio.run(run())
+    assert killed and killed[0] < 80  # the kill landed mid-stream
     assert dep.failovers > before
+    # every request was resumed on the restarted actor, which took its prompt's blocks from the KV store
+    assert all(cached[i] > 0 for i in range(len(ps))), cached
     hf = load_hf(FAMILY)
     for p, t in zip(ps, toks, strict=True):
         assert len(t) == 80
