@@ -63,6 +63,28 @@ def test_drain_of_last_replica_is_refused(dep):
         dep.drain(2)
 
 
+def test_gating_actor_refuses_an_older_table(dep):
+    current = ray.get(dep.controller.get_table.remote())
+    stale = dict(current, version=current["version"] - 1)
+    assert ray.get(dep.gating[0].set_table.remote(stale)) == current["version"]  # kept the newer one
+    assert ray.get(dep.gating[0].status.remote())["table_version"] == current["version"]
+
+
+def test_concurrent_changes_are_serialised(dep):
+    # a rebalance and a scale sent at once: the writer lock runs them one after the other, so neither erases the
+    # other (the scale's new replica survives the rebalance's new table, and vice versa)
+    dep.generate(PROMPTS, GREEDY)
+    rebalance = dep.controller.rebalance.remote(4)
+    scale = dep.controller.scale.remote(1, 2)
+    ray.get([rebalance, scale])
+    st = dep.status()
+    assert len(st["groups"]["1"]) == 2
+    new_id = st["groups"]["1"][1]
+    assert new_id in [e["actor_id"] for e in st["experts"]]
+    wait_for(lambda: any(e["actor_id"] == new_id and e["routed"] for e in dep.status()["experts"]))
+    assert [len(o.token_ids) for o in dep.generate(PROMPTS, GREEDY)] == [12, 12, 12]
+
+
 def test_controller_restart_keeps_routing_table(dep):
     before = ray.get(dep.controller.get_table.remote())
     ray.kill(dep.controller, no_restart=False)
