@@ -210,8 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ray.init(num_cpus=args.threads, include_dashboard=False, namespace="moeray-bench", log_to_driver=False)
     systems, skipped = start_systems(args, path, cpu["bf16_fast"])
     try:
-        if "moeray_local" in systems:  # the engine sets its own derived thread count; everyone shares it
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)  # the in-process systems share this process: `--threads` for all
         runs = measure_rounds(systems, args, model_cfg.vocab_size)
         infos = {n: getattr(s, "info", {}) for n, s in systems.items()}
     finally:

@@ -115,9 +115,8 @@ class LocalSystem:
                                           lambda g, slots: load_experts_into(g, model_cfg, ckpt, slots))
         self.transport = LocalTransport(self.groups, self.table)
         self.engine = Engine(dense, self.transport, engine_config(cfg, dtype))
-        self.threads = cfg.threads_for("gating")
         self.info = {"dtype": str(dtype).removeprefix("torch."), "serve_dtype": cfg.dtype,
-                     "torch_threads": self.threads, "num_expert_groups": cfg.num_expert_groups,
+                     "derived_torch_threads": cfg.threads_for("gating"), "num_expert_groups": cfg.num_expert_groups,
                      "engine": repr(engine_config(cfg, dtype))}
 
     def generate(self, prompts: list[list[int]], output_len: int) -> list[list[int]]:
