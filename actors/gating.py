@@ -23,22 +23,25 @@ from moeray.common.config import ServeConfig
 from moeray.common.errors import DuplicateRequestError, RequestError
 from moeray.common.sampling import SamplingParams, StepDelta
 from moeray.engine.engine import Engine, EngineConfig
-from moeray.engine.transport import LocalTransport
+from moeray.engine.transport import LocalTransport, local_expert_groups
 from moeray.models.checkpoint import Checkpoint, load_dense, load_experts_into, new_expert_group
 from moeray.models.config import ModelConfig
+from moeray.models.dtypes import resolve_dtype
 from moeray.models.registry import build_dense_model
 from moeray.router.table import RoutingTable
 
 __all__ = ["LOST", "GatingActor", "engine_config", "load_tokenizer", "model_id"]
 
 
-def engine_config(cfg: ServeConfig) -> EngineConfig:
+def engine_config(cfg: ServeConfig, dtype: torch.dtype = torch.float32) -> EngineConfig:
+    """The engine's settings; `dtype` is the resolved serving dtype (GatingActor: resolve_dtype(cfg.dtype))."""
     from moeray.engine.paged_cache import cache_dtype
 
     return EngineConfig(block_size=cfg.block_size, num_blocks=cfg.kv_cache_blocks,
                         max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
                         micro_batches=cfg.micro_batches, kv_cache_bytes=cfg.kv_cache_bytes,
-                        kv_cache_dtype=cache_dtype(cfg.kv_cache_dtype), prefix_caching=cfg.prefix_caching)
+                        kv_cache_dtype=cache_dtype(cfg.kv_cache_dtype), prefix_caching=cfg.prefix_caching,
+                        dtype=dtype)
 
 
 def load_tokenizer(model_path: str):
@@ -60,19 +63,18 @@ class GatingActor:
         self.index = index
         # a restarted actor takes the controller's current table and handles, not its constructor's
         table, expert_actors, kv_shards = _current_routing(self.config, deployment, table, expert_actors, kv_shards)
-        torch.set_num_threads(self.config.torch_threads)
+        torch.set_num_threads(self.config.threads_for("gating"))
         self.model_cfg = ModelConfig.from_pretrained(self.config.model)
         ckpt = Checkpoint(self.config.model, self.config.expert_quant)
         dense = build_dense_model(self.model_cfg)
         load_dense(dense, self.model_cfg, ckpt)
         dense.eval()
+        # the serving dtype, decided once here (auto: bf16 where this CPU computes it fast; models/dtypes.py)
+        self.dtype = resolve_dtype(self.config.dtype, "cpu", reduced_ok=getattr(dense, "reduced_precision", False))
         self.table = RoutingTable.from_dict(table)
         if self.config.transport == "local" or not expert_actors:
-            groups = {}
-            for a in self.table.actor_ids:
-                g = new_expert_group(self.model_cfg, ckpt)
-                load_experts_into(g, self.model_cfg, ckpt, self.table.actor_slots(a))
-                groups[a] = g
+            groups = local_expert_groups(self.table, lambda: new_expert_group(self.model_cfg, ckpt, dtype=self.dtype),
+                                         lambda g, slots: load_experts_into(g, self.model_cfg, ckpt, slots))
             transport = LocalTransport(groups, self.table)
         else:
             from moeray.actors.transport import RayTransport
@@ -95,7 +97,7 @@ class GatingActor:
             from moeray.engine.structured import Grammars
 
             grammars = Grammars(tok.to_str(), self.model_cfg.vocab_size, list(self.model_cfg.eos_token_ids))
-        self.engine = Engine(dense, transport, engine_config(self.config),
+        self.engine = Engine(dense, transport, engine_config(self.config, self.dtype),
                              decode=(lambda ids: tok.decode(ids)) if tok is not None else None, prefix=prefix,
                              grammars=grammars)
         self._inbox: collections.deque = collections.deque()

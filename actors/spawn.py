@@ -52,7 +52,7 @@ def _on_head() -> dict[str, Any]:
 def start_expert(cfg: ServeConfig, deployment: str, actor_id: int, slots: dict[int, list[int]]) -> Any:
     """One expert-group actor holding `slots` (layer -> expert ids), restartable by Ray."""
     return make_expert_actor(cfg.model, slots, actor_id, cfg.device, cfg.expert_num_cpus, cfg.allow_cpu_fallback,
-                             cfg.torch_threads, cfg.max_restarts, name=expert_actor_name(deployment, actor_id),
+                             cfg.threads_for("expert"), cfg.max_restarts, name=expert_actor_name(deployment, actor_id),
                              namespace=cfg.namespace, dtype=cfg.dtype, expert_quant=cfg.expert_quant)
 
 
