@@ -102,6 +102,10 @@ def test_draws_follow_the_distribution():
     out = sample(row.expand(n, V), [seq(SamplingParams(temperature=1.0), rid=str(i)) for i in range(n)])
     freq = torch.bincount(torch.tensor(out.tokens), minlength=V).double() / n
     assert torch.allclose(freq, row.double().softmax(-1), atol=0.03)
+    # seeded rows draw through the inverse CDF: the same distribution
+    out = sample(row.expand(n, V), [seq(SamplingParams(temperature=1.0, seed=i), rid=str(i)) for i in range(n)])
+    freq = torch.bincount(torch.tensor(out.tokens), minlength=V).double() / n
+    assert torch.allclose(freq, row.double().softmax(-1), atol=0.03)
     # temperature 0.5 squares the odds
     out = sample(row.expand(n, V), [seq(SamplingParams(temperature=0.5), rid=str(i)) for i in range(n)])
     freq = torch.bincount(torch.tensor(out.tokens), minlength=V).double() / n
@@ -114,13 +118,16 @@ def test_draws_follow_the_distribution():
     (SamplingParams(top_p=0.8), {0, 1, 4}),
     (SamplingParams(min_p=0.3), {0, 1}),
     (SamplingParams(top_k=1, temperature=5.0), {0}),
+    (SamplingParams(top_k=3, top_p=0.75), {0, 1}),  # top-p inside the top-k group
+    (SamplingParams(top_k=4, min_p=0.3), {0, 1}),
+    (SamplingParams(top_p=0.8, seed=9), {0, 1, 4}),  # seeded rows: the inverse CDF
 ])
 def test_truncation(params, allowed):
     torch.manual_seed(1)
     row = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5] + [-30.0] * (V - 5))
     n = 2000
-    out = sample(row.expand(n, V), [seq(params, rid=str(i)) for i in range(n)])
-    assert set(out.tokens) == allowed
+    seqs = [seq(params, rid=str(i), output=[0] * (i % 300)) for i in range(n)]  # seeded: a different position each
+    assert set(sample(row.expand(n, V), seqs).tokens) == allowed
 
 
 def test_seeded_rows_are_reproducible_and_independent_of_the_batch():
