@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from moeray.actors.handles import classify
+from moeray.actors.handles import ExpertHandle, classify
 from moeray.common.errors import ActorGoneError, ActorTimeoutError, ActorTransientError
 from moeray.engine.failover import ExpertCall, FailoverCaller, FailoverPolicy, Fault
 from moeray.engine.transport import ExpertLoad, ExpertRowsFailed
@@ -39,10 +39,10 @@ class RayBackend:
             f.set_exception(KeyError(f"no handle for expert actor {actor_id}"))
             return f
         meta = pack_pairs(batch.pair_rows, batch.slot_ids, batch.weights)
-        return handle.forward.remote(layer, to_wire(x_rows), meta).future()
+        return ExpertHandle(handle, actor_id).forward(layer, to_wire(x_rows), meta).future()
 
     def probe(self, actor_id: int):
-        return self.actors[actor_id].ping.remote().future()
+        return ExpertHandle(self.actors[actor_id], actor_id).ping().future()
 
     def fault_of(self, error: BaseException) -> Fault | None:
         kind = classify(error)
