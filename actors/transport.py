@@ -63,18 +63,21 @@ class RayBackend:
 
 class RayTransport:
     """ExpertTransport over Ray actors. `wire_dtype`: what rows travel in (the experts' compute dtype).
+    `dead_grace_s`: how long rows needing an actor Ray reports dead wait for a replacement handle (set_actors, from
+    the controller) before they fail; 0 (no controller): fail at once.
     `overlaps`: whether the experts compute on resources of their own (an accelerator), so that splitting a
     step into micro-batches can hide their calls; on CPU actors sharing the gating actor's cores it only adds
     calls (measured by bench/dispatch.py --compare-mb1), so the default micro-batch choice then stays at 1."""
 
     def __init__(self, actors: dict[int, Any], table: RoutingTable, call_timeout_s: float = 60.0,
                  wire_dtype: torch.dtype = torch.float32, policy: FailoverPolicy | None = None,
-                 overlaps: bool = False) -> None:
+                 overlaps: bool = False, dead_grace_s: float = 0.0) -> None:
         self.table = table
         self.overlaps = overlaps
         self.wire_dtype = wire_dtype
         self.backend = RayBackend(dict(actors))
-        self.caller = FailoverCaller(self.backend, policy or FailoverPolicy(call_timeout_s=call_timeout_s), pack_rows)
+        policy = policy or FailoverPolicy(call_timeout_s=call_timeout_s, dead_grace_s=dead_grace_s)
+        self.caller = FailoverCaller(self.backend, policy, pack_rows)
         self.load = ExpertLoad()
         self.stats = self.caller.stats
         self.stats.update(dispatch_s=0.0)

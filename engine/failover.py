@@ -79,6 +79,7 @@ class FailoverPolicy:
     max_hedges: int = 12  # copies of overdue sends per task (never where the pairs already run)
     confirm_dead: int = 3  # consecutive failed probes that mark an actor dead
     reprobe_s: tuple[float, ...] = (0.05, 0.25)  # delays before the 2nd, 3rd, ... probe
+    dead_grace_s: float = 0.0  # a dead actor's rows wait this long for a replacement handle (a controller's)
 
 
 # ---- actor health ------------------------------------------------------------------------------------------
@@ -94,6 +95,7 @@ class _Probe:
     future: Future | None = None
     failures: int = 0
     next_at: float = 0.0
+    dead_at: float = 0.0
 
 
 class ActorHealth:
@@ -112,7 +114,10 @@ class ActorHealth:
         return set(self._probes)
 
     def dead(self) -> set[int]:
-        return {a for a, p in list(self._probes.items()) if p.state is Health.DEAD}
+        """Actors Ray reports dead for longer than the policy's grace (no replacement came): fail their rows."""
+        now = self.backend.now() + 1e-6  # the wake-up for a grace's end may land a rounding error early
+        return {a for a, p in list(self._probes.items())
+                if p.state is Health.DEAD and p.dead_at + self.policy.dead_grace_s <= now}
 
     def suspect(self, actor_id: int) -> None:
         """Route new calls around actor_id until a probe answers."""
@@ -143,7 +148,7 @@ class ActorHealth:
                     if self.backend.fault_of(err) is not Fault.TRANSIENT:
                         p.failures += 1
                     if p.failures >= self.policy.confirm_dead:
-                        p.state = Health.DEAD
+                        p.state, p.dead_at = Health.DEAD, now
                         continue
                     delays = self.policy.reprobe_s or (0.0,)
                     p.next_at = now + delays[min(max(p.failures - 1, 0), len(delays) - 1)]
@@ -158,6 +163,9 @@ class ActorHealth:
                 futs.append(p.future)
             elif p.state is Health.SUSPECT:
                 due = p.next_at if due is None else min(due, p.next_at)
+            elif p.dead_at + self.policy.dead_grace_s > self.backend.now():  # its grace ends then
+                end = p.dead_at + self.policy.dead_grace_s
+                due = end if due is None else min(due, end)
         return futs, due
 
 

@@ -103,6 +103,8 @@ class FakeBackend:
         return answer
 
     def wait_any(self, futures, timeout_s):
+        if not futures:  # as RayBackend: nothing to wait on, look again soon (a new handle may arrive)
+            timeout_s = min(timeout_s, 0.05)
         limit = self.t + timeout_s
         while self.events and self.events[0][0] <= limit:
             t, _, fut, value, err = heapq.heappop(self.events)
@@ -214,6 +216,33 @@ def test_no_live_replica_and_dead_for_good_fails_fast_only_those_rows():
     sent0 = be.actors[0].sent
     _, _, failed2, _ = run_call(be, t1, x, ids, w, caller=caller)
     assert torch.equal(failed2, needs0) and be.actors[0].sent == sent0
+
+
+def test_dead_actor_replaced_within_the_grace_serves_its_rows():
+    """With a controller, a dead actor's rows wait (dead_grace_s) for the replacement handle instead of failing."""
+    be = FakeBackend({0: FakeActor(killed_at=0.0, restart_s=None), 1: FakeActor()})
+    caller = FailoverCaller(be, FailoverPolicy(call_timeout_s=10.0, dead_grace_s=5.0))
+
+    def replace(_f):
+        be.actors[0] = FakeActor()
+        caller.health.forget([0])
+
+    marker = concurrent.futures.Future()
+    marker.add_done_callback(replace)
+    be._at(2.0, marker, value=None)
+    x, ids, w = workload()
+    _, out, failed, _ = run_call(be, table(replicas=1), x, ids, w, caller=caller)
+    assert failed.numel() == 0 and torch.allclose(out, reference(x, ids, w), atol=1e-6)
+    assert 2.0 <= be.t < 2.5
+
+
+def test_dead_actor_not_replaced_fails_its_rows_when_the_grace_ends():
+    be = FakeBackend({0: FakeActor(killed_at=0.0, restart_s=None), 1: FakeActor()})
+    x, ids, w = workload()
+    _, _, failed, why = run_call(be, table(replicas=1), x, ids, w, FailoverPolicy(call_timeout_s=10.0,
+                                                                                 dead_grace_s=3.0))
+    assert failed.numel() > 0 and "no live replica" in why[0][1]
+    assert 3.0 <= be.t < 3.5
 
 
 def test_transient_error_retries_the_same_actor():
