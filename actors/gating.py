@@ -77,9 +77,14 @@ class GatingActor:
                                          lambda g, slots: load_experts_into(g, self.model_cfg, ckpt, slots))
             transport = LocalTransport(groups, self.table)
         else:
+            from moeray.actors.devices import device_type
             from moeray.actors.transport import RayTransport
 
-            transport = RayTransport(dict(expert_actors), self.table, self.config.expert_call_timeout_s)
+            # rows travel in the experts' compute dtype (resolved for their device, as the expert actors do)
+            transport = RayTransport(dict(expert_actors), self.table, self.config.expert_call_timeout_s,
+                                     wire_dtype=resolve_dtype(self.config.dtype, device_type(self.config.device)),
+                                     overlaps=self.config.device != "cpu",
+                                     dead_grace_s=30.0 if self.config.controller else 0.0)
         self.transport = transport
         tok = load_tokenizer(self.config.model)
         self.kv_client = None
@@ -169,7 +174,8 @@ class GatingActor:
         st.update(index=self.index, active=self._num_active, last_error=self._last_error, step_s=self._step_s,
                   table_version=self.transport.table.version, node_id=ray.get_runtime_context().get_node_id(),
                   transport=self.config.transport, num_blocks=self.config.kv_cache_blocks,
-                  transport_stats=dict(getattr(self.transport, "stats", {})))
+                  transport_stats=dict(getattr(self.transport, "stats", {})),
+                  device=self.config.gating_device, dtype=str(self.dtype).removeprefix("torch."))
         return st
 
     async def set_kv_shards(self, shards: dict[str, Any]) -> int:
