@@ -25,10 +25,10 @@ class DeploymentBackend:
             raise RequestError(f"prompt: model {self.model_name!r} ships no tokenizer.json; send prompt_token_ids")
         return self.dep.tokenizer.encode(text).ids
 
-    def detokenize(self, ids: list[int]) -> str:
+    def detokenize(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if self.dep.tokenizer is None:
             return ""
-        return self.dep.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.dep.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ---- requests --------------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams

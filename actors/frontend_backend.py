@@ -26,7 +26,8 @@ class Backend(Protocol):
         ...
 
     def detokenize(self, ids: list[int]) -> str:
-        """Text of generated ids, special tokens (EOS) left out; U+FFFD for an incomplete UTF-8 tail."""
+        """Text of generated ids, special tokens (EOS) left out; U+FFFD for an incomplete UTF-8 tail. A backend
+        that can keep them takes a keyword `skip_special_tokens: bool = True` (the request's field)."""
         ...
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepDelta]:

@@ -10,6 +10,7 @@ backend so it frees its blocks. The gRPC servicers (frontend_grpc.py) and the HT
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import logging
@@ -30,7 +31,7 @@ from moeray.common.api import (
     to_sampling_params,
     validate_prompt_length,
 )
-from moeray.common.errors import BackendUnavailableError, CapacityError, DuplicateRequestError
+from moeray.common.errors import BackendUnavailableError, CapacityError, DuplicateRequestError, RequestError
 from moeray.common.sampling import SamplingParams, StepDelta, TopLogprobs
 from moeray.router.affinity import order_by_affinity
 
@@ -155,8 +156,10 @@ class Frontend:
         prompt_ids = await self._tokenize(request, backends[0])
         validate_prompt_length(request, len(prompt_ids), self.models[request.model])
         params = to_sampling_params(request)
+        detokenizer(backends[0], request.skip_special_tokens)  # refused before anything runs
         backend, stream, delta = await self._start(backends, request_id, prompt_ids, params)
-        text = TextStream(backend.detokenize, request.stop)
+        text = TextStream(detokenizer(backend, request.skip_special_tokens), request.stop,
+                          request.include_stop_str_in_output)
         num_tokens, first_token_s, backend_done = 0, None, False
         try:
             while True:
@@ -221,6 +224,15 @@ class Frontend:
             except BackendUnavailableError as e:
                 last_error = e
         raise BackendUnavailableError(f"no backend answered: {last_error}")
+
+
+def detokenizer(backend: Backend, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
+    """The backend's detokenize; with skip_special_tokens False, one that keeps special tokens in the text."""
+    if skip_special_tokens:
+        return backend.detokenize
+    if "skip_special_tokens" not in inspect.signature(backend.detokenize).parameters:
+        raise RequestError(f"skip_special_tokens: {type(backend).__name__} cannot keep special tokens; omit it")
+    return functools.partial(backend.detokenize, skip_special_tokens=False)
 
 
 async def _next_delta(stream: Any, backend: Backend) -> StepDelta:

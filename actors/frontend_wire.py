@@ -28,7 +28,7 @@ from moeray.common.errors import (
 )
 
 OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs")
+                   "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs", "skip_special_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +96,7 @@ def request_to_dict(msg: pb.GenerateRequest) -> dict[str, Any]:
         "logprobs": msg.logprobs,
         "request_id": msg.request_id,
         "logit_bias": dict(msg.logit_bias),
+        "include_stop_str_in_output": msg.include_stop_str_in_output,
     }
     if msg.HasField("structured"):
         data["structured"] = {"kind": msg.structured.kind, "value": msg.structured.value}

@@ -5,7 +5,8 @@ tokens, e.g. a leading space, sees its left context) plus the new ones -- and ta
 left part (the incremental detokenization of TGI and vLLM). A multi-byte character split across tokens is never
 split across deltas: while the window's text ends in U+FFFD (an incomplete byte sequence) the window is not
 moved on, and the text before the U+FFFD is emitted. Stop strings are cut: text that might be the start of one
-is held back, and once one appears the text ends before it and `stopped` is set.
+is held back, and once one appears the text ends before it and `stopped` is set. With `include_stop` (vLLM's
+include_stop_str_in_output) the text ends after the stop string instead, and nothing needs holding back.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ MAX_WINDOW_IDS = 64  # a window that never completes a character (invalid bytes)
 
 
 class TextStream:
-    def __init__(self, detokenize: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
+    def __init__(self, detokenize: Callable[[list[int]], str], stop: Sequence[str] = (),
+                 include_stop: bool = False) -> None:
         self._detokenize = detokenize
+        self._include_stop = include_stop
         self._stop = [s for s in stop if s]
         self._longest_stop = max((len(s) for s in self._stop), default=0)
         self._ids: list[int] = []
@@ -67,13 +70,13 @@ class TextStream:
 
     def _release(self, final: bool) -> str:
         text = self._pending
-        cut = self._find_stop(text)
-        if cut is not None:
+        found = self._find_stop(text)
+        if found is not None:
             self.stopped = True
-            return self._emit(text[:cut], "")
+            return self._emit(text[:found[1] if self._include_stop else found[0]], "")
         if final:
             return self._emit(text, "")
-        hold = self._stop_prefix_len(text)
+        hold = 0 if self._include_stop else self._stop_prefix_len(text)
         return self._emit(text[:len(text) - hold], text[len(text) - hold:])
 
     def _emit(self, out: str, keep: str) -> str:
@@ -83,13 +86,17 @@ class TextStream:
             self._tail = (self._tail + out)[-self._longest_stop:] if self._longest_stop else ""
         return out
 
-    def _find_stop(self, text: str) -> int | None:
-        """Index in `text` where the earliest stop string starts (one may begin in the emitted tail: then 0)."""
+    def _find_stop(self, text: str) -> tuple[int, int] | None:
+        """(start, end) in `text` of the earliest stop string (one may begin in the emitted tail: start 0)."""
         if not self._stop:
             return None
         joined = self._tail + text
-        hits = [i for i in (joined.find(s) for s in self._stop) if i >= 0]
-        return max(0, min(hits) - len(self._tail)) if hits else None
+        hits = [(i, i + len(s)) for s, i in ((s, joined.find(s)) for s in self._stop) if i >= 0]
+        if not hits:
+            return None
+        # with include_stop the text ends where a stop string first completes (the earliest end)
+        start, end = min(hits, key=lambda h: (h[1], h[0])) if self._include_stop else min(hits)
+        return max(0, start - len(self._tail)), max(0, end - len(self._tail))
 
     def _stop_prefix_len(self, text: str) -> int:
         """Length of the longest suffix of text that is a proper prefix of a stop string."""

@@ -114,6 +114,8 @@ def build_request(
     logit_bias: dict[int, float] | None = None,
     top_logprobs: int | None = None,
     structured: dict[str, str] | None = None,
+    include_stop_str_in_output: bool = False,
+    skip_special_tokens: bool | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; a str prompt is sent as text, a sequence of ints as prompt_token_ids.
 
@@ -128,6 +130,7 @@ def build_request(
         logprobs=logprobs,
         request_id=request_id,
         logit_bias=dict(logit_bias or {}),
+        include_stop_str_in_output=include_stop_str_in_output,
     )
     if structured is not None:
         request.structured.CopyFrom(pb.StructuredOutput(kind=structured["kind"], value=structured["value"]))
@@ -137,7 +140,8 @@ def build_request(
         request.prompt_token_ids.extend(prompt)
     optional = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
                 "min_p": min_p, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
-                "repetition_penalty": repetition_penalty, "min_tokens": min_tokens, "top_logprobs": top_logprobs}
+                "repetition_penalty": repetition_penalty, "min_tokens": min_tokens, "top_logprobs": top_logprobs,
+                "skip_special_tokens": skip_special_tokens}
     for name, value in optional.items():
         if value is not None:
             setattr(request, name, value)

@@ -94,6 +94,8 @@ class GenerateRequest(BaseModel):
     logit_bias: dict[int, float] = Field(default_factory=dict)
     top_logprobs: int = 0
     structured: dict[str, str] | None = None  # {"kind": "json" | "regex" | "choice" | "grammar", "value": ...}
+    include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
+    skip_special_tokens: bool = True  # False: special tokens (EOS, ...) are detokenized into the text
 
     @field_validator("prompt")
     @classmethod

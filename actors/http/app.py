@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 import moeray
 from moeray.actors.frontend import LONG_PROMPT_CHARS, Frontend
+from moeray.actors.frontend_core import detokenizer
 from moeray.actors.http.answers import Call
 from moeray.actors.http.chat import ChatTemplate
 from moeray.actors.http.metrics import CONTENT_TYPE, HTTPMetrics
@@ -186,7 +187,9 @@ class OpenAIApp:
                   "stop_token_ids": list(body.stop_token_ids or []), "min_p": body.min_p,
                   "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
                   "repetition_penalty": body.repetition_penalty, "min_tokens": body.min_tokens,
-                  "logit_bias": {int(k): float(v) for k, v in (body.logit_bias or {}).items()}}
+                  "logit_bias": {int(k): float(v) for k, v in (body.logit_bias or {}).items()},
+                  "include_stop_str_in_output": body.include_stop_str_in_output,
+                  "skip_special_tokens": body.skip_special_tokens}
         top_k = None if body.top_k is None else max(body.top_k, 0)
         optional = {"temperature": body.temperature, "top_p": body.top_p, "top_k": top_k, "seed": body.seed}
         fields.update({k: v for k, v in optional.items() if v is not None})
@@ -243,9 +246,12 @@ class OpenAIApp:
             requests.append(first.model_copy(update={"request_id": f"{call_id}-{i}", "seed": seed}))
         if body.n > 1 and body.seed is None:
             requests[0] = first.model_copy(update={"seed": random.getrandbits(63)})
-        backend = self.frontend.model2backends[model][0]
+        try:
+            detokenize = detokenizer(self.frontend.model2backends[model][0], body.skip_special_tokens)
+        except RequestError as e:
+            raise api_error_for(e, param) from None
         return Call(kind, call_id, model, int(time.time()), requests, body.stream, body.include_usage(),
-                    bool(fields["logprobs"]), num_top, lambda t: backend.detokenize([t]), self.fingerprint, echo)
+                    bool(fields["logprobs"]), num_top, lambda t: detokenize([t]), self.fingerprint, echo)
 
     def _ignored(self, body: SamplingBody, endpoint: str) -> dict[str, str]:
         ignored = body.ignored_fields()

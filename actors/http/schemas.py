@@ -203,20 +203,6 @@ class SamplingBody(BaseModel):
                 raise ValueError(f"values must be in [-100, 100], got {value} for {key}")
         return bias
 
-    @field_validator("include_stop_str_in_output")
-    @classmethod
-    def _stop_str_cut(cls, include: bool) -> bool:
-        if include:
-            raise ValueError("only false is supported: a stop string is cut from the text")
-        return include
-
-    @field_validator("skip_special_tokens")
-    @classmethod
-    def _skip_only(cls, skip: bool) -> bool:
-        if not skip:
-            raise ValueError("only true is supported: special tokens are always left out of the text")
-        return skip
-
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 

@@ -270,7 +270,6 @@ def cases_400():
         (c, {"model": "fake", "prompt": "hi", "logit_bias": {"999": 1.0}}, "logit_bias"),
         (c, {"model": "fake", "prompt": "hi", "logit_bias": {"1": 101.0}}, "logit_bias"),
         (c, {"model": "fake", "prompt": "hi", "skip_special_tokens": False}, "skip_special_tokens"),
-        (c, {"model": "fake", "prompt": "hi", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
         (c, {"model": "fake", "prompt": "hi", "structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
         (c, {"model": "fake", "prompt": "hi", "structured_outputs": {"regex": "a", "choice": ["b"]}},
          "structured_outputs"),
