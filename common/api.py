@@ -7,6 +7,7 @@ themselves (their config, the Backend contract, text streaming) live in actors/f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,9 @@ class Usage:
     time_to_first_token_s: float
     total_s: float
     cached_tokens: int = 0  # prompt tokens whose KV came from the cache instead of being computed
+
+
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(SamplingParams) if f.default is not dataclasses.MISSING}
 
 
 class RequestValidationError(RequestError):
@@ -76,21 +80,22 @@ class GenerateRequest(BaseModel):
     model: str = ""
     prompt: str = ""
     prompt_token_ids: list[int] = Field(default_factory=list)
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    # sampling fields default to the engine's defaults (SamplingParams), stated once there
+    max_tokens: int = _DEFAULT["max_tokens"]
+    temperature: float = _DEFAULT["temperature"]
+    top_p: float = _DEFAULT["top_p"]
+    top_k: int = _DEFAULT["top_k"]
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
     request_id: str = ""
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
+    min_p: float = _DEFAULT["min_p"]
+    presence_penalty: float = _DEFAULT["presence_penalty"]
+    frequency_penalty: float = _DEFAULT["frequency_penalty"]
+    repetition_penalty: float = _DEFAULT["repetition_penalty"]
+    min_tokens: int = _DEFAULT["min_tokens"]
     logit_bias: dict[int, float] = Field(default_factory=dict)
     top_logprobs: int = 0
     structured: dict[str, str] | None = None  # {"kind": "json" | "regex" | "choice" | "grammar", "value": ...}
