@@ -120,9 +120,12 @@ def test_local_cache_then_kv_store_then_compute(ref):
     assert out.token_ids == plain.token_ids
 
 
-@pytest.mark.parametrize("num_blocks", [64, 20], ids=["roomy", "pressure"])
+@pytest.mark.parametrize("num_blocks", [64, 12], ids=["roomy", "pressure"])
 def test_prefix_caching_keeps_tokens_under_chunking_preemption_and_eviction(ref, num_blocks):
-    g = torch.Generator().manual_seed(7)
+    # (seed 9: prompts whose positions have no router near-tie; at a near-tie (k-th / (k+1)-th expert score
+    # margin ~1e-7, which seed 7 has) the ulp-level difference between a reused and a recomputed row flips
+    # an expert and the two runs rightly differ -- the correctness protocol excludes such positions)
+    g = torch.Generator().manual_seed(9)
     systems = [prompt(int(n), 10 + i) for i, n in enumerate(torch.randint(20, 70, (3,), generator=g))]
     prompts = [systems[i % 3] + prompt(int(torch.randint(1, 30, (1,), generator=g)), 20 + i) for i in range(9)]
     params = [greedy(int(torch.randint(1, 20, (1,), generator=g))) for _ in prompts]
@@ -131,8 +134,8 @@ def test_prefix_caching_keeps_tokens_under_chunking_preemption_and_eviction(ref,
     plain = engine(ref, num_blocks=64, max_num_batched_tokens=48, prefix_caching=False).generate(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
     assert sum(o.num_cached_tokens for o in outs) > 0
-    if num_blocks == 20:
-        assert cached.blocks.stats.evicted_pages > 0
+    if num_blocks == 12:  # cached blocks evicted and running sequences preempted, tokens unchanged
+        assert cached.blocks.stats.evicted_pages > 0 and cached.scheduler.num_preemptions > 0
     assert cached.num_free_blocks == num_blocks
     assert_teacher_forced(load_hf("a"), prompts, params, outs)
 
