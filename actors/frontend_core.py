@@ -32,7 +32,7 @@ from moeray.common.api import (
     validate_prompt_length,
 )
 from moeray.common.errors import BackendUnavailableError, CapacityError, DuplicateRequestError, RequestError
-from moeray.common.sampling import SamplingParams, StepDelta, TopLogprobs
+from moeray.common.sampling import PromptLogprobs, SamplingParams, StepDelta, TopLogprobs
 from moeray.router.affinity import order_by_affinity
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class TextDelta:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # on the first delta, when the request asked for them
 
 
 class Admission:
@@ -173,7 +174,7 @@ class Frontend:
                     piece += text.flush()
                 out = TextDelta(client_id, piece, list(delta.token_ids), finish,
                                 list(delta.logprobs or []) if request.logprobs else [],
-                                list(delta.top_logprobs or []))
+                                list(delta.top_logprobs or []), prompt_logprobs=delta.prompt_logprobs)
                 if finish:
                     now = time.monotonic()
                     out.usage = Usage(len(prompt_ids), num_tokens, (first_token_s or now) - arrival_s,

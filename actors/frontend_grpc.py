@@ -76,6 +76,7 @@ class MoerayServicer(pb_grpc.MoerayServicer):
                     out.token_ids.extend(chunk.token_ids)
                     out.logprobs.extend(chunk.logprobs)
                     out.top_logprobs.extend(chunk.top_logprobs)
+                    out.prompt_logprobs.extend(chunk.prompt_logprobs)
                     out.finish_reason = chunk.finish_reason
                     if chunk.HasField("usage"):
                         out.usage.CopyFrom(chunk.usage)

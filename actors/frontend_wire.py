@@ -28,7 +28,8 @@ from moeray.common.errors import (
 )
 
 OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs", "skip_special_tokens")
+                   "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs", "skip_special_tokens",
+                   "prompt_logprobs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,10 @@ def response_to_proto(delta: TextDelta) -> pb.GenerateResponse:
                                    finish_reason=delta.finish_reason or "", logprobs=delta.logprobs)
     for top in delta.top_logprobs:
         response.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[v for _, v in top])
+    for entry in (delta.prompt_logprobs or [])[1:]:  # the first position has none
+        lp, rank, top = entry
+        response.prompt_logprobs.add(logprob=lp, rank=rank, top=pb.TopLogprobs(token_ids=[t for t, _ in top],
+                                                                            logprobs=[v for _, v in top]))
     if delta.usage is not None:
         u = delta.usage
         response.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,

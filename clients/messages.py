@@ -29,6 +29,8 @@ class GenerateChunk:
     finish_reason: str | None  # set on the last chunk: "length" | "stop" | "eos" | "cancelled" | "error"
     usage: Usage | None  # set on the last chunk
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, most likely first
+    # when asked for (on the first chunk): per prompt position None (the first) or (logprob, rank, top)
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]] | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,7 @@ class Completion:
     finish_reason: str
     usage: Usage | None
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]] | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,7 @@ def build_request(
     structured: dict[str, str] | None = None,
     include_stop_str_in_output: bool = False,
     skip_special_tokens: bool | None = None,
+    prompt_logprobs: int | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; a str prompt is sent as text, a sequence of ints as prompt_token_ids.
 
@@ -141,7 +145,7 @@ def build_request(
     optional = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
                 "min_p": min_p, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
                 "repetition_penalty": repetition_penalty, "min_tokens": min_tokens, "top_logprobs": top_logprobs,
-                "skip_special_tokens": skip_special_tokens}
+                "skip_special_tokens": skip_special_tokens, "prompt_logprobs": prompt_logprobs}
     for name, value in optional.items():
         if value is not None:
             setattr(request, name, value)
@@ -159,6 +163,13 @@ def _top(msg) -> list[list[tuple[int, float]]]:
     return [list(zip(t.token_ids, t.logprobs, strict=True)) for t in msg.top_logprobs]
 
 
+def _prompt(msg) -> list[tuple[float, int, list[tuple[int, float]]] | None] | None:
+    if not msg.prompt_logprobs:
+        return None
+    return [None] + [(e.logprob, e.rank, list(zip(e.top.token_ids, e.top.logprobs, strict=True)))
+                     for e in msg.prompt_logprobs]
+
+
 def chunk_from_proto(msg: pb.GenerateResponse) -> GenerateChunk:
     return GenerateChunk(
         request_id=msg.request_id,
@@ -168,6 +179,7 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerateChunk:
         finish_reason=msg.finish_reason or None,
         usage=_usage(msg),
         top_logprobs=_top(msg),
+        prompt_logprobs=_prompt(msg),
     )
 
 
@@ -180,6 +192,7 @@ def completion_from_proto(msg: pb.CompleteResponse) -> Completion:
         finish_reason=msg.finish_reason,
         usage=_usage(msg),
         top_logprobs=_top(msg),
+        prompt_logprobs=_prompt(msg),
     )
 
 

@@ -101,6 +101,7 @@ class GenerateRequest(BaseModel):
     structured: dict[str, str] | None = None  # {"kind": "json" | "regex" | "choice" | "grammar", "value": ...}
     include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
     skip_special_tokens: bool = True  # False: special tokens (EOS, ...) are detokenized into the text
+    prompt_logprobs: int | None = None  # per prompt token: its logprob, rank and this many alternatives
 
     @field_validator("prompt")
     @classmethod
@@ -307,4 +308,5 @@ def to_sampling_params(request: GenerateRequest) -> SamplingParams:
         logit_bias={int(k): float(v) for k, v in request.logit_bias.items()},
         top_logprobs=request.top_logprobs,
         structured=dict(request.structured) if request.structured else None,
+        prompt_logprobs=request.prompt_logprobs,
     )

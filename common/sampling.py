@@ -26,6 +26,8 @@ class SamplingParams:
     below min_p times the most likely one's. logprobs returns the sampled token's log-probability (of the raw model
     distribution); top_logprobs > 0 returns that many alternatives too. `structured` constrains the output to a
     grammar: {"kind": "json" | "regex" | "choice" | "grammar", "value": str}, compiled in the engine.
+    prompt_logprobs = k returns, per prompt position after the first, the prompt token's log-probability, its rank
+    and k alternatives (vLLM's prompt_logprobs); such a request computes its whole prompt (no prefix reuse).
     """
 
     max_tokens: int = 16
@@ -45,6 +47,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     top_logprobs: int = 0
     structured: dict[str, Any] | None = None
+    prompt_logprobs: int | None = None  # None = off; k >= 0: each prompt token's logprob plus k alternatives
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,6 +83,9 @@ class SamplingParams:
             raise RequestError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
         if any((not isinstance(s, str)) or not s for s in self.stop):
             raise RequestError(f"stop strings must be non-empty strings, got {self.stop}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS):
+            raise RequestError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs!r}")
         if self.structured is not None:
             kind, value = self.structured.get("kind"), self.structured.get("value")
             if kind not in STRUCTURED_KINDS or not isinstance(value, str) or not value:
@@ -105,6 +111,9 @@ def _finite(params: SamplingParams, *names: str) -> None:
 
 
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), most likely first
+# Per prompt position: None for the first (nothing predicts it), else (the prompt token's log-probability, its
+# rank in the vocabulary (1 = most likely), the top-k alternatives).
+PromptLogprobs = list[tuple[float, int, TopLogprobs] | None]
 
 
 @dataclass(slots=True)
@@ -119,6 +128,7 @@ class RequestOutput:
     text: str | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the KV store instead of being computed
     top_logprobs: list[TopLogprobs] | None = None  # per generated token, when the request asked for them
+    prompt_logprobs: PromptLogprobs | None = None  # per prompt position, when the request asked for them
 
     @property
     def finished(self) -> bool:
@@ -135,3 +145,4 @@ class StepDelta:
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # on the last delta: prompt tokens whose KV came from the KV store
     top_logprobs: list[TopLogprobs] | None = None  # one list per token in token_ids, when asked for
+    prompt_logprobs: PromptLogprobs | None = None  # on the request's first token's delta, when asked for

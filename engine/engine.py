@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from moeray.common.errors import RequestError
-from moeray.common.sampling import RequestOutput, SamplingParams, StepDelta
+from moeray.common.sampling import PromptLogprobs, RequestOutput, SamplingParams, StepDelta
 from moeray.engine.block_manager import BlockManager, build_kv_cache
 from moeray.engine.paged_cache import PagedKVCache
 from moeray.engine.prefix import PrefixCache
@@ -88,6 +88,7 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        self._prompt_lps: dict[str, PromptLogprobs] = {}  # prompt_logprobs gathered over prefill chunks
 
     # ---- requests ------------------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -126,6 +127,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self.seqs.pop(seq.request_id, None)
+        self._prompt_lps.pop(seq.request_id, None)
         if self.grammars is not None:
             self.grammars.forget(seq.request_id)
         if self.prefix is not None:
@@ -174,6 +176,8 @@ class Engine:
             else:
                 self.stats["decode_tokens"] += c.num_tokens
         self.stats["steps"] += 1
+        if self.runner.prompt_logits:
+            self._gather_prompt_logprobs(chunks)
         if self.prefix is not None:
             for c in chunks:
                 self.prefix.write_through(self.cache, c.seq)
@@ -184,6 +188,8 @@ class Engine:
         deltas = []
         for c, tok, lp, top in zip(sampling, out.tokens, out.logprobs, out.top_logprobs, strict=True):
             seq = c.seq
+            first = seq.params.prompt_logprobs is not None and not seq.output_ids
+            prompt_lps = self._prompt_lps.pop(seq.request_id, [None]) if first else None
             seq.output_ids.append(tok)
             if lp is not None:
                 seq.output_logprobs.append(lp)
@@ -192,8 +198,27 @@ class Engine:
             if reason is not None:
                 self._finish(seq, reason)
             deltas.append(StepDelta(seq.request_id, [tok], [lp] if lp is not None else None, reason,
-                                    seq.num_cached_prefix, [top] if top is not None else None))
+                                    seq.num_cached_prefix, [top] if top is not None else None, prompt_lps))
         return deltas
+
+    def _gather_prompt_logprobs(self, chunks: list[ScheduledChunk]) -> None:
+        """prompt_logprobs: the raw log-probabilities of the prompt tokens this step's chunks predicted (a
+        recomputed chunk, after preemption, replaces what it covers)."""
+        for c in chunks:
+            logits = self.runner.prompt_logits.get(c.seq.request_id)
+            if logits is None:
+                continue
+            lps = torch.log_softmax(logits.float(), dim=-1)  # [m, V]
+            targets = torch.tensor(c.seq.prompt_ids[c.start + 1:c.start + 1 + len(lps)])
+            token_lp = lps.gather(1, targets[:, None])  # [m, 1]
+            ranks = (lps >= token_lp).sum(1).tolist()  # vLLM's rank: tokens at least as likely, itself included
+            k = c.seq.params.prompt_logprobs
+            top = lps.topk(k, dim=-1) if k else None
+            gathered = self._prompt_lps.setdefault(c.seq.request_id, [None])
+            del gathered[c.start + 1:]
+            for j, (v, r) in enumerate(zip(token_lp[:, 0].tolist(), ranks, strict=True)):
+                alts = list(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True)) if top else []
+                gathered.append((v, r, alts))
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params
@@ -235,6 +260,8 @@ class Engine:
                     o.logprobs.extend(d.logprobs)
                 if d.top_logprobs:
                     o.top_logprobs = (o.top_logprobs or []) + d.top_logprobs
+                if d.prompt_logprobs is not None:
+                    o.prompt_logprobs = d.prompt_logprobs
                 o.finish_reason = d.finish_reason
                 o.num_cached_tokens = d.num_cached_tokens
         return list(outs.values())

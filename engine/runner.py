@@ -33,6 +33,7 @@ class MicroBatch:
     token_ids: torch.Tensor  # [N]
     seqs: SeqBatch  # of SeqChunk; carries the per-step attention metadata
     logit_rows: torch.Tensor  # rows whose logits are needed (last token of sampling chunks)
+    prompt_rows: list[tuple[str, torch.Tensor]]  # (request id, rows predicting its prompt tokens): prompt_logprobs
 
 
 class ModelRunner:
@@ -41,6 +42,7 @@ class ModelRunner:
         self.dense, self.cache, self.transport = dense, cache, transport
         self.micro_batches = micro_batches  # 0: chosen per step
         self.failed: dict[int, str] = {}  # after run: chunk index -> why its rows could not be computed
+        self.prompt_logits: dict[str, torch.Tensor] = {}  # after run: request id -> [m, V] (prompt_logprobs)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -63,6 +65,8 @@ class ModelRunner:
                 self._fail_rows(parts[i], firsts[i], e.rows, str(e))
             self._resume(i, flows[i], y, calls, states)
         rows = [self.dense.logits(s[mb.logit_rows]) for s, mb in zip(states, mbs, strict=True) if mb.logit_rows.numel()]
+        self.prompt_logits = {rid: self.dense.logits(s[r]) for s, mb in zip(states, mbs, strict=True)
+                              for rid, r in mb.prompt_rows}
         return torch.cat(rows) if rows else torch.empty(0, self.dense.cfg.vocab_size)
 
     def num_micro_batches(self, chunks: list[ScheduledChunk]) -> int:
@@ -101,14 +105,19 @@ class ModelRunner:
             self.failed[first + j] = why
 
     def _micro_batch(self, chunks: list[ScheduledChunk]) -> MicroBatch:
-        ids, seqs, logit_rows, off = [], SeqBatch(), [], 0
+        ids, seqs, logit_rows, prompt_rows, off = [], SeqBatch(), [], [], 0
         for c in chunks:
             ids.extend(c.seq.all_ids[c.start:c.start + c.num_tokens])
             seqs.append(SeqChunk(c.num_tokens, c.start, self.cache.view(c.seq.block_table)))
+            if c.seq.params.prompt_logprobs is not None and not c.seq.output_ids:  # positions start.. P-2
+                end = min(c.start + c.num_tokens, len(c.seq.prompt_ids) - 1)
+                if end > c.start:
+                    prompt_rows.append((c.seq.request_id, torch.arange(off, off + end - c.start)))
             off += c.num_tokens
             if c.samples:
                 logit_rows.append(off - 1)
-        return MicroBatch(torch.tensor(ids, dtype=torch.long), seqs, torch.tensor(logit_rows, dtype=torch.long))
+        return MicroBatch(torch.tensor(ids, dtype=torch.long), seqs, torch.tensor(logit_rows, dtype=torch.long),
+                          prompt_rows)
 
 
 def split_chunks(chunks: list[ScheduledChunk], parts: int) -> list[list[ScheduledChunk]]:

@@ -90,6 +90,9 @@ class Scheduler:
     def _share_prefix(self, seq: Sequence) -> int:
         """Share the locally cached leading blocks of a waiting `seq`, fetch the stored ones after them (into
         seq.prefix_payloads, written by the engine); returns the tokens whose KV need not be computed."""
+        if seq.params.prompt_logprobs is not None and not seq.output_ids:  # every prompt position's logits
+            seq.prefix_payloads = None
+            return 0
         b = self.blocks.block_size
         local = self.blocks.match_prefix(seq)
         self.blocks.acquire_prefix(seq, local)

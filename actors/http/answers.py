@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from moeray.actors.http.metrics import HTTPMetrics
 from moeray.actors.http.schemas import api_error_for
 from moeray.actors.http.stream import Output, Piece, Runs, sse, usage
-from moeray.common.sampling import TopLogprobs
+from moeray.common.sampling import PromptLogprobs, TopLogprobs
 
 
 @dataclass
@@ -29,6 +29,9 @@ class Call:
     token_text: Callable[[int], str]
     fingerprint: str
     echo: str = ""  # completions' echo: the prompt text, put before the first text
+    prompt_ids: list[int] = field(default_factory=list)  # known when prompt log-probabilities are asked for
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs (k): per choice (completions), top-level (chat)
+    echo_logprobs: bool = False  # completions' echo with logprobs: the prompt tokens lead `logprobs`
 
     def envelope(self, chunk: bool) -> dict[str, Any]:
         obj = {"completion": "text_completion", "chat": "chat.completion.chunk" if chunk else "chat.completion"}
@@ -60,8 +63,47 @@ class Call:
                 top_dicts.append(d)
         return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top_dicts, "text_offset": offsets}
 
+    def prompt_logprobs_of(self, entries: PromptLogprobs | None) -> list | None:
+        """vLLM's prompt_logprobs: per prompt position None (the first) or {token id: {logprob, rank,
+        decoded_token}}, the prompt token first, then the k alternatives."""
+        if entries is None:
+            return None
+        out: list = []
+        for tok, entry in zip(self.prompt_ids, entries, strict=True):
+            if entry is None:
+                out.append(None)
+                continue
+            lp, rank, top = entry
+            d = {str(tok): {"logprob": lp, "rank": rank, "decoded_token": self.token_text(tok)}}
+            for r, (t, v) in enumerate(top[:self.prompt_logprobs], 1):
+                d.setdefault(str(t), {"logprob": v, "rank": r, "decoded_token": self.token_text(t)})
+            out.append(d)
+        return out
+
+    def echo_logprobs_of(self, entries: PromptLogprobs | None) -> dict | None:
+        """Completions' echo with logprobs: the prompt tokens in the legacy shape (the first has no logprob)."""
+        if entries is None:
+            return None
+        tokens = [self.token_text(t) for t in self.prompt_ids]
+        offsets, at = [], 0
+        for s in tokens:
+            offsets.append(at)
+            at += len(s)
+        lps = [None if e is None else e[0] for e in entries]
+        tops = None
+        if self.num_top:
+            tops = []
+            for s, e in zip(tokens, entries, strict=True):
+                if e is None:
+                    tops.append(None)
+                    continue
+                d = {self.token_text(t): v for t, v in e[2][:self.num_top]}
+                d.setdefault(s, e[0])
+                tops.append(d)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
     def choice(self, index: int, text: str, token_ids, logprobs, tops, finish_reason: str | None, chunk: bool,
-               offset: int = 0) -> dict:
+               offset: int = 0, prompt_lps: PromptLogprobs | None = None) -> dict:
         out: dict[str, Any] = {"index": index}
         if self.kind == "completion":
             out["text"] = text
@@ -70,13 +112,22 @@ class Call:
         else:
             out["message"] = {"role": "assistant", "content": text}
         out["logprobs"] = self.logprobs_of(token_ids, logprobs, tops, offset)
+        if self.kind == "completion" and self.echo_logprobs and prompt_lps is not None and out["logprobs"]:
+            head, tail = self.echo_logprobs_of(prompt_lps), out["logprobs"]
+            out["logprobs"] = {k: head[k] + tail[k] if head[k] is not None else None for k in head}
         out["finish_reason"] = finish_reason
+        if self.kind == "completion" and self.prompt_logprobs is not None and (prompt_lps is not None or not chunk):
+            out["prompt_logprobs"] = self.prompt_logprobs_of(prompt_lps)
         return out
 
     def whole(self, outputs: list[Output]) -> dict[str, Any]:
         choices = [self.choice(i, self.echo + o.text, o.token_ids, o.logprobs, o.top_logprobs, o.finish_reason,
-                               chunk=False, offset=len(self.echo)) for i, o in enumerate(outputs)]
-        return {**self.envelope(chunk=False), "choices": choices, "usage": usage(outputs)}
+                               chunk=False, offset=len(self.echo), prompt_lps=o.prompt_logprobs)
+                   for i, o in enumerate(outputs)]
+        answer = {**self.envelope(chunk=False), "choices": choices, "usage": usage(outputs)}
+        if self.kind == "chat" and self.prompt_logprobs is not None:
+            answer["prompt_logprobs"] = self.prompt_logprobs_of(outputs[0].prompt_logprobs if outputs else None)
+        return answer
 
     async def chunks(self, runs: Runs, first: tuple[int, Piece | None], metrics: HTTPMetrics,
                      arrival_s: float) -> AsyncIterator[str]:
@@ -100,8 +151,12 @@ class Call:
                     offset = len(out.text) + (len(self.echo) if out.token_ids else 0)
                     out.add(piece)
                     choice = self.choice(index, prefix + piece.text, piece.token_ids, piece.logprobs,
-                                         piece.top_logprobs, piece.finish_reason, True, offset + len(prefix))
-                    yield sse({**self.envelope(chunk=True), "choices": [choice], **self._usage_slot()})
+                                         piece.top_logprobs, piece.finish_reason, True, offset + len(prefix),
+                                         piece.prompt_logprobs)
+                    extra = {}
+                    if self.kind == "chat" and self.prompt_logprobs is not None and piece.prompt_logprobs is not None:
+                        extra["prompt_logprobs"] = self.prompt_logprobs_of(piece.prompt_logprobs)
+                    yield sse({**self.envelope(chunk=True), "choices": [choice], **self._usage_slot(), **extra})
                 if not runs.num_open:
                     break
                 item = await runs.next()

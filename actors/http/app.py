@@ -152,8 +152,15 @@ class OpenAIApp:
         echo = ""
         if body.echo:
             echo = body.prompt if isinstance(body.prompt, str) else self._detokenize(model, body.prompt)
+        echo_logprobs = body.echo and body.logprobs is not None  # vLLM: the prompt tokens' logprobs lead
+        if echo_logprobs:
+            fields["prompt_logprobs"] = max(body.prompt_logprobs or 0, body.logprobs)
+        if fields.get("prompt_logprobs") is not None and isinstance(body.prompt, str):  # ids to name the tokens
+            fields.pop("prompt")
+            fields["prompt_token_ids"] = await self._tokenize(model, body.prompt, "prompt")
         param = _field2param({"prompt_token_ids": "prompt", "top_logprobs": "logprobs"})
         call = self._call("completion", "cmpl", model, fields, body, param, body.logprobs or 0, echo)
+        call.echo_logprobs = echo_logprobs
         return await self._answer(request, call, body, param, arrival_s)
 
     async def chat_completions(self, request: Request, body: ChatCompletionBody) -> Response:
@@ -189,7 +196,7 @@ class OpenAIApp:
                   "repetition_penalty": body.repetition_penalty, "min_tokens": body.min_tokens,
                   "logit_bias": {int(k): float(v) for k, v in (body.logit_bias or {}).items()},
                   "include_stop_str_in_output": body.include_stop_str_in_output,
-                  "skip_special_tokens": body.skip_special_tokens}
+                  "skip_special_tokens": body.skip_special_tokens, "prompt_logprobs": body.prompt_logprobs}
         top_k = None if body.top_k is None else max(body.top_k, 0)
         optional = {"temperature": body.temperature, "top_p": body.top_p, "top_k": top_k, "seed": body.seed}
         fields.update({k: v for k, v in optional.items() if v is not None})
@@ -251,7 +258,8 @@ class OpenAIApp:
         except RequestError as e:
             raise api_error_for(e, param) from None
         return Call(kind, call_id, model, int(time.time()), requests, body.stream, body.include_usage(),
-                    bool(fields["logprobs"]), num_top, lambda t: detokenize([t]), self.fingerprint, echo)
+                    bool(fields["logprobs"]), num_top, lambda t: detokenize([t]), self.fingerprint, echo,
+                    list(first.prompt_token_ids), body.prompt_logprobs)
 
     def _ignored(self, body: SamplingBody, endpoint: str) -> dict[str, str]:
         ignored = body.ignored_fields()

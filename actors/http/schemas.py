@@ -185,6 +185,7 @@ class SamplingBody(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # per prompt token: k alternatives
 
     @field_validator("stream_options")
     @classmethod
@@ -232,7 +233,6 @@ class CompletionBody(SamplingBody):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
-    prompt_logprobs: int | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -256,13 +256,6 @@ class CompletionBody(SamplingBody):
         if suffix:
             raise ValueError("suffix (insertion) is not supported; omit it")
         return suffix
-
-    @field_validator("prompt_logprobs")
-    @classmethod
-    def _no_prompt_logprobs(cls, value: int | None) -> int | None:
-        if value:
-            raise ValueError("prompt log-probabilities are not computed by this server; omit prompt_logprobs")
-        return value
 
 
 class ChatMessage(BaseModel):

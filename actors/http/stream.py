@@ -18,7 +18,7 @@ from typing import Any
 from starlette.requests import Request
 
 from moeray.actors.http.schemas import APIError
-from moeray.common.sampling import TopLogprobs
+from moeray.common.sampling import PromptLogprobs, TopLogprobs
 
 FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -36,12 +36,14 @@ class Piece:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # on a choice's first piece, when asked for
 
     @classmethod
     def of(cls, msg: Any) -> Piece:
         """The front end's step message (actors/frontend_core.py TextDelta) -> a Piece."""
         piece = cls(msg.text, list(msg.token_ids), list(msg.logprobs), [list(t) for t in msg.top_logprobs],
-                    FINISH_REASONS.get(msg.finish_reason, msg.finish_reason) or None)
+                    FINISH_REASONS.get(msg.finish_reason, msg.finish_reason) or None,
+                    prompt_logprobs=getattr(msg, "prompt_logprobs", None))
         if msg.usage is not None:
             u = msg.usage
             piece.prompt_tokens, piece.completion_tokens = u.prompt_tokens, u.completion_tokens
@@ -61,8 +63,11 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None
 
     def add(self, piece: Piece) -> None:
+        if piece.prompt_logprobs is not None:
+            self.prompt_logprobs = piece.prompt_logprobs
         self.text += piece.text
         self.token_ids.extend(piece.token_ids)
         self.logprobs.extend(piece.logprobs)

@@ -260,7 +260,7 @@ def cases_400():
         (c, {"model": "fake", "prompt": "hi", "best_of": 3}, "best_of"),
         (c, {"model": "fake", "prompt": "hi", "suffix": "x"}, "suffix"),
         (c, {"model": "fake", "prompt": "hi", "logprobs": 21}, "logprobs"),
-        (c, {"model": "fake", "prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs"),
+        (c, {"model": "fake", "prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
         (c, {"model": "fake", "prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
         (c, {"model": "fake", "prompt": "hi", "frequency_penalty": "1"}, "frequency_penalty"),
         (c, {"model": "fake", "prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),

@@ -25,8 +25,12 @@ class RichBackend(FakeBackend):
         for i in range(params.max_tokens):
             finish = "length" if i == params.max_tokens - 1 else None
             top = [ALTERNATIVES[:params.top_logprobs]] if params.top_logprobs else None
+            prompt = None
+            if i == 0 and params.prompt_logprobs is not None:  # position j: logprob -j, rank j, k alternatives
+                prompt = [None] + [(-float(j), j, ALTERNATIVES[:params.prompt_logprobs])
+                                   for j in range(1, len(prompt_ids))]
             yield StepDelta(request_id, [ord(WORDS[i % len(WORDS)])], [-0.5] if params.logprobs else None, finish,
-                            num_cached_tokens=len(prompt_ids) - 1, top_logprobs=top)
+                            num_cached_tokens=len(prompt_ids) - 1, top_logprobs=top, prompt_logprobs=prompt)
 
     async def admin(self, op, **kwargs):
         assert op == "metrics"
@@ -159,3 +163,53 @@ def test_metrics_version_tokenize_detokenize_openapi(api):
     assert post(url, "/detokenize", {"tokens": [999]}).json()["error"]["param"] == "tokens"
     schema = httpx.get(url + "/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/tokenize", "/metrics"} <= set(schema["paths"])
+
+
+def test_completion_prompt_logprobs_in_vllms_shape(api):
+    backend, url = api
+    choice = post(url, "/v1/completions", {"prompt": "hey", "max_tokens": 2, "prompt_logprobs": 2}).json()["choices"][0]
+    assert backend.calls[-1][0] == [ord(c) for c in "hey"] and backend.calls[-1][1].prompt_logprobs == 2
+    plp = choice["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == 3
+    assert plp[1] == {str(ord("e")): {"logprob": -1.0, "rank": 1, "decoded_token": "e"},
+                      str(ord("q")): {"logprob": -0.1, "rank": 1, "decoded_token": "q"},
+                      str(ord("x")): {"logprob": -0.2, "rank": 2, "decoded_token": "x"}}
+    assert list(plp[2]) == [str(ord("y")), str(ord("q")), str(ord("x"))] and plp[2][str(ord("y"))]["rank"] == 2
+    assert "prompt_logprobs" not in post(url, "/v1/completions", {"prompt": "hey", "max_tokens": 1}).json()[
+        "choices"][0]
+    r = post(url, "/v1/completions", {"prompt": "hey", "max_tokens": 1, "prompt_logprobs": 21})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_echo_with_logprobs_leads_with_the_prompt_tokens(api):
+    backend, url = api
+    for stream in (False, True):
+        body = {"prompt": "hey", "max_tokens": 2, "echo": True, "logprobs": 1, "stream": stream}
+        if stream:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+            first = events[0]["choices"][0]
+            assert first["text"] == "hey" + WORDS[0]
+            lp = first["logprobs"]
+        else:
+            lp = post(url, "/v1/completions", body).json()["choices"][0]["logprobs"]
+            assert lp["tokens"] == ["h", "e", "y", WORDS[0], WORDS[1]]
+        assert backend.calls[-1][1].prompt_logprobs == 1
+        assert lp["tokens"][:4] == ["h", "e", "y", WORDS[0]]
+        assert lp["token_logprobs"][:4] == [None, -1.0, -2.0, -0.5]
+        assert lp["top_logprobs"][:3] == [None, {"q": -0.1, "e": -1.0}, {"q": -0.1, "y": -2.0}]
+        assert lp["text_offset"][:4] == [0, 1, 2, 3]
+
+
+def test_chat_prompt_logprobs_top_level(api):
+    backend, url = api
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "prompt_logprobs": 0}
+    answer = post(url, "/v1/chat/completions", body).json()
+    ids = backend.calls[-1][0]
+    plp = answer["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    assert all(list(d) == [str(t)] and d[str(t)]["logprob"] == -float(j)
+               for j, (t, d) in enumerate(zip(ids[1:], plp[1:], strict=True), 1))
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert [e["prompt_logprobs"] for e in events if "prompt_logprobs" in e] == [plp]
