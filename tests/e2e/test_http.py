@@ -334,3 +334,73 @@ def test_usage_reports_cached_tokens_and_fingerprint(client, model):
     r = client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
     assert r.system_fingerprint.startswith("fp_")
     assert r.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vLLM's prompt_logprobs, echo with logprobs, include_stop_str_in_output, skip_special_tokens
+
+
+@pytest.fixture(scope="module")
+def reference_logprobs():
+    """The reference model's log_softmax over a prompt (fp32): row i predicts token i + 1."""
+    import torch
+    from support.tiny_models import build_with_tokenizer
+
+    from moeray.models.reference import ReferenceModel
+
+    ref = ReferenceModel.from_pretrained(build_with_tokenizer(), num_expert_groups=1)
+    return lambda ids: torch.log_softmax(ref.forward(torch.tensor([ids]))[0].float(), dim=-1)
+
+
+def test_prompt_logprobs_match_the_reference(client, backend, model, reference_logprobs):
+    ids = backend.tokenize(PROMPT)
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0,
+                                  extra_body={"prompt_logprobs": 3})
+    got = r.choices[0].model_extra["prompt_logprobs"]
+    lps = reference_logprobs(ids)
+    assert len(got) == len(ids) and got[0] is None
+    for i in range(1, len(ids)):
+        row, entry = lps[i - 1], got[i]
+        assert abs(entry[str(ids[i])]["logprob"] - float(row[ids[i]])) < 1e-4
+        assert entry[str(ids[i])]["rank"] == int((row >= row[ids[i]]).sum())
+        want = row.topk(3)
+        for t, v in zip(want.indices.tolist(), want.values.tolist(), strict=True):
+            assert abs(entry[str(t)]["logprob"] - v) < 1e-4
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    plp = chat.model_extra["prompt_logprobs"]
+    assert plp[0] is None and all(len(d) == 1 for d in plp[1:]) and len(plp) == chat.usage.prompt_tokens
+
+
+def test_echo_with_logprobs_returns_the_prompt_tokens_logprobs(client, backend, model, reference_logprobs):
+    ids = backend.tokenize(PROMPT)
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    lp, lps = r.choices[0].logprobs, reference_logprobs(ids)
+    assert r.choices[0].text.startswith(PROMPT)
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - float(lps[i - 1, ids[i]])) < 1e-4
+        assert len(lp.top_logprobs[i]) in (2, 3)
+
+
+def test_include_stop_str_in_output(client, model):
+    full = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    at = full.index(stop)
+    cut = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    kept = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop],
+                                     extra_body={"ignore_eos": True, "include_stop_str_in_output": True}).choices[0]
+    assert cut.text == full[:at] and kept.text == full[:at + len(stop)]
+    assert cut.finish_reason == kept.finish_reason == "stop"
+
+
+def test_skip_special_tokens_false_keeps_eos_in_the_text(client, backend, model):
+    eos = backend.dep.tokenizer.token_to_id("<|eos|>")
+    body = {"logit_bias": {str(eos): 100}}
+    skipped = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, extra_body=body)
+    kept = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0,
+                                     extra_body={**body, "skip_special_tokens": False})
+    assert skipped.choices[0].text == "" and kept.choices[0].text == "<|eos|>"
+    assert kept.choices[0].finish_reason == "stop"
