@@ -32,6 +32,7 @@ class Call:
     prompt_ids: list[int] = field(default_factory=list)  # known when prompt log-probabilities are asked for
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs (k): per choice (completions), top-level (chat)
     echo_logprobs: bool = False  # completions' echo with logprobs: the prompt tokens lead `logprobs`
+    best_of: int = 0  # > 0: return this many of the requests' outputs, the highest cumulative logprob first
 
     def envelope(self, chunk: bool) -> dict[str, Any]:
         obj = {"completion": "text_completion", "chat": "chat.completion.chunk" if chunk else "chat.completion"}
@@ -121,6 +122,8 @@ class Call:
         return out
 
     def whole(self, outputs: list[Output]) -> dict[str, Any]:
+        if self.best_of:  # vLLM's best_of: the n best by cumulative logprob; usage counts those n
+            outputs = sorted(outputs, key=lambda o: sum(o.logprobs), reverse=True)[:self.best_of]
         choices = [self.choice(i, self.echo + o.text, o.token_ids, o.logprobs, o.top_logprobs, o.finish_reason,
                                chunk=False, offset=len(self.echo), prompt_lps=o.prompt_logprobs)
                    for i, o in enumerate(outputs)]

@@ -147,8 +147,9 @@ class OpenAIApp:
         model = self._resolve_model(body.model)
         prompt_field = "prompt_token_ids" if isinstance(body.prompt, list) else "prompt"
         max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        best_of = body.num_samples() > body.n  # the ranking needs every sample's logprobs
         fields = {**self._generate_fields(body, model, max_tokens), prompt_field: body.prompt,
-                  "logprobs": body.logprobs is not None, "top_logprobs": body.logprobs or 0}
+                  "logprobs": body.logprobs is not None or best_of, "top_logprobs": body.logprobs or 0}
         echo = ""
         if body.echo:
             echo = body.prompt if isinstance(body.prompt, str) else self._detokenize(model, body.prompt)
@@ -161,6 +162,7 @@ class OpenAIApp:
         param = _field2param({"prompt_token_ids": "prompt", "top_logprobs": "logprobs"})
         call = self._call("completion", "cmpl", model, fields, body, param, body.logprobs or 0, echo)
         call.echo_logprobs = echo_logprobs
+        call.logprobs, call.best_of = body.logprobs is not None, body.n if best_of else 0
         return await self._answer(request, call, body, param, arrival_s)
 
     async def chat_completions(self, request: Request, body: ChatCompletionBody) -> Response:
@@ -248,10 +250,11 @@ class OpenAIApp:
         except RequestValidationError as e:
             raise api_error_for(e, param) from None
         requests = [first]
-        for i in range(1, body.n):  # distinct seeds: the n choices differ unless sampling is greedy
+        num = body.num_samples() if isinstance(body, CompletionBody) else body.n
+        for i in range(1, num):  # distinct seeds: the n choices differ unless sampling is greedy
             seed = (body.seed + i) % (2**63) if body.seed is not None else random.getrandbits(63)
             requests.append(first.model_copy(update={"request_id": f"{call_id}-{i}", "seed": seed}))
-        if body.n > 1 and body.seed is None:
+        if num > 1 and body.seed is None:
             requests[0] = first.model_copy(update={"seed": random.getrandbits(63)})
         try:
             detokenize = detokenizer(self.frontend.model2backends[model][0], body.skip_special_tokens)

@@ -245,10 +245,17 @@ class CompletionBody(SamplingBody):
 
     @field_validator("best_of")
     @classmethod
-    def _no_best_of(cls, best_of: int | None, info) -> int | None:
-        if best_of not in (None, 1, info.data.get("n", 1)):
-            raise ValueError(f"best_of > n is not supported (got {best_of}); use n")
+    def _best_of_at_least_n(cls, best_of: int | None, info) -> int | None:
+        n = info.data.get("n", 1)
+        if best_of is not None and not n <= best_of <= MAX_N:
+            raise ValueError(f"must be in [n={n}, {MAX_N}], got {best_of}")
+        if best_of is not None and best_of > n and info.data.get("stream"):
+            raise ValueError("best_of > n cannot stream (the best are known at the end); use stream: false")
         return best_of
+
+    def num_samples(self) -> int:
+        """Requests to run: best_of (the n best by cumulative logprob are returned) or n."""
+        return self.best_of or self.n
 
     @field_validator("suffix")
     @classmethod

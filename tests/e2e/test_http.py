@@ -404,3 +404,12 @@ def test_skip_special_tokens_false_keeps_eos_in_the_text(client, backend, model)
                                      extra_body={**body, "skip_special_tokens": False})
     assert skipped.choices[0].text == "" and kept.choices[0].text == "<|eos|>"
     assert kept.choices[0].finish_reason == "stop"
+
+
+def test_best_of_returns_the_best_n_of_the_same_samples(client, model):
+    kw = {"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 5, "logprobs": 0}
+    every = client.completions.create(n=3, **kw).choices  # the same seeds (5, 6, 7) as best_of=3 runs
+    best = client.completions.create(n=2, extra_body={"best_of": 3}, **kw).choices
+    ranked = sorted(every, key=lambda c: sum(c.logprobs.token_logprobs), reverse=True)
+    assert [c.text for c in best] == [c.text for c in ranked[:2]]
+    assert [c.index for c in best] == [0, 1]

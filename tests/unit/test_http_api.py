@@ -257,7 +257,7 @@ def cases_400():
         (c, {"model": "fake", "prompt": "hi", "stop_token_ids": [999]}, "stop_token_ids"),
         (c, {"model": "fake", "prompt": "hi", "n": 0}, "n"),
         (c, {"model": "fake", "prompt": "hi", "n": 17}, "n"),
-        (c, {"model": "fake", "prompt": "hi", "best_of": 3}, "best_of"),
+        (c, {"model": "fake", "prompt": "hi", "best_of": 17}, "best_of"),
         (c, {"model": "fake", "prompt": "hi", "suffix": "x"}, "suffix"),
         (c, {"model": "fake", "prompt": "hi", "logprobs": 21}, "logprobs"),
         (c, {"model": "fake", "prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),

@@ -213,3 +213,38 @@ def test_chat_prompt_logprobs_top_level(api):
     with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert [e["prompt_logprobs"] for e in events if "prompt_logprobs" in e] == [plp]
+
+
+class ScoredBackend(RichBackend):
+    """Each token's logprob is -(seed % 5) - 0.5 and the text starts at WORDS[seed] (seeds below len(WORDS))."""
+
+    async def generate(self, request_id, prompt_ids, params):
+        self.calls.append((list(prompt_ids), params))
+        for i in range(params.max_tokens):
+            finish = "length" if i == params.max_tokens - 1 else None
+            token = ord(WORDS[(params.seed + i) % len(WORDS)])
+            yield StepDelta(request_id, [token], [-(params.seed % 5) - 0.5] if params.logprobs else None, finish)
+
+
+def test_best_of_returns_the_n_best_by_cumulative_logprob(loop):
+    backend = ScoredBackend()
+    server, port = loop.run(serve_http([backend], "127.0.0.1", 0, FrontendConfig()))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        r = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 3, "n": 2, "best_of": 4, "seed": 12})
+        body = r.json()
+        assert [p.seed for _, p in backend.calls[-4:]] == [12, 13, 14, 15]  # scores -2.5, -3.5, -4.5, -0.5 a token
+        assert all(p.logprobs for _, p in backend.calls[-4:])  # forced: the ranking needs them
+        assert [c["text"] for c in body["choices"]] == [WORDS[15:18], WORDS[12:15]]  # seeds 15, then 12
+        assert [c["index"] for c in body["choices"]] == [0, 1] and body["choices"][0]["logprobs"] is None
+        assert body["usage"]["completion_tokens"] == 6  # the n returned, as vLLM counts
+        with_lp = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "best_of": 3, "seed": 0,
+                                                "logprobs": 0}).json()["choices"]
+        assert len(with_lp) == 1 and with_lp[0]["logprobs"]["token_logprobs"] == [-0.5, -0.5]  # seed 0
+        for bad in ({"n": 3, "best_of": 2}, {"best_of": 17}, {"best_of": 2, "stream": True}):
+            r = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2, **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+        assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "best_of": 1, "stream": True,
+                                             "seed": 1}).status_code == 200
+    finally:
+        loop.run(server.stop(0))
