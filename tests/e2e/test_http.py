@@ -413,3 +413,33 @@ def test_best_of_returns_the_best_n_of_the_same_samples(client, model):
     ranked = sorted(every, key=lambda c: sum(c.logprobs.token_logprobs), reverse=True)
     assert [c.text for c in best] == [c.text for c in ranked[:2]]
     assert [c.index for c in best] == [0, 1]
+
+
+def test_grpc_carries_the_same_fields(loop_thread, real_backends, backend, model, reference_logprobs):
+    from moeray.actors.frontend import serve_frontend
+    from moeray.clients.client import MoerayClient
+
+    server, port = loop_thread.run(serve_frontend(real_backends, "127.0.0.1", 0, config=FrontendConfig()))
+    try:
+        with MoerayClient(f"127.0.0.1:{port}") as c:
+            ids = backend.tokenize(PROMPT)
+            out = c.complete(ids, model=model, max_tokens=2, temperature=0.0, prompt_logprobs=2)
+            lps = reference_logprobs(ids)
+            assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+            for i in range(1, len(ids)):
+                (lp, rank, top), row = out.prompt_logprobs[i], lps[i - 1]
+                assert abs(lp - float(row[ids[i]])) < 1e-4 and rank == int((row >= row[ids[i]]).sum())
+                assert [t for t, _ in top] == lps[i - 1].topk(2).indices.tolist()
+            chunks = list(c.generate(ids, model=model, max_tokens=2, temperature=0.0, prompt_logprobs=0))
+            assert len(chunks[0].prompt_logprobs) == len(ids) and all(ch.prompt_logprobs is None for ch in chunks[1:])
+            full = c.complete(PROMPT, model=model, max_tokens=16, temperature=0.0, ignore_eos=True).text
+            stop = full[8:11]
+            kept = c.complete(PROMPT, model=model, max_tokens=16, temperature=0.0, ignore_eos=True, stop=[stop],
+                              include_stop_str_in_output=True)
+            assert kept.text == full[:full.index(stop) + len(stop)]
+            eos = backend.dep.tokenizer.token_to_id("<|eos|>")
+            special = c.complete(PROMPT, model=model, max_tokens=3, temperature=0.0, logit_bias={eos: 100.0},
+                                 skip_special_tokens=False)
+            assert special.text == "<|eos|>"
+    finally:
+        loop_thread.run(server.stop(0))
