@@ -199,7 +199,7 @@ class Frontend:
         """Open the stream on the least-loaded backend that produces a first delta; fail over until one does."""
         last_error: BaseException | None = None
         # cache-aware: the actor most likely to hold this prompt's prefix, bounded by load (router/affinity.py)
-        order = order_by_affinity(backends, prompt_ids) if len(backends) > 1 else backends
+        order = order_by_affinity(backends, prompt_ids, cache_salt=params.cache_salt) if len(backends) > 1 else backends
         for backend in order:
             stream = None
             try:

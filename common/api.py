@@ -102,6 +102,7 @@ class GenerateRequest(BaseModel):
     include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
     skip_special_tokens: bool = True  # False: special tokens (EOS, ...) are detokenized into the text
     prompt_logprobs: int | None = None  # per prompt token: its logprob, rank and this many alternatives
+    cache_salt: str | None = None  # vLLM's: reuse only cached prefixes of requests with the same salt
 
     @field_validator("prompt")
     @classmethod
@@ -309,4 +310,5 @@ def to_sampling_params(request: GenerateRequest) -> SamplingParams:
         top_logprobs=request.top_logprobs,
         structured=dict(request.structured) if request.structured else None,
         prompt_logprobs=request.prompt_logprobs,
+        cache_salt=request.cache_salt,
     )

@@ -10,6 +10,7 @@ from moeray.common.errors import RequestError
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs; vLLM's default max_logprobs is 20 too
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar")
+MAX_CACHE_SALT_CHARS = 256  # as kvstore/keys.py's (common imports no kvstore)
 
 
 @dataclass(slots=True)
@@ -28,6 +29,8 @@ class SamplingParams:
     grammar: {"kind": "json" | "regex" | "choice" | "grammar", "value": str}, compiled in the engine.
     prompt_logprobs = k returns, per prompt position after the first, the prompt token's log-probability, its rank
     and k alternatives (vLLM's prompt_logprobs); such a request computes its whole prompt (no prefix reuse).
+    cache_salt (vLLM's) salts the request's prefix-cache and KV-store keys (kvstore/keys.py root_key): it reuses
+    only blocks of requests with the same salt.
     """
 
     max_tokens: int = 16
@@ -48,6 +51,7 @@ class SamplingParams:
     top_logprobs: int = 0
     structured: dict[str, Any] | None = None
     prompt_logprobs: int | None = None  # None = off; k >= 0: each prompt token's logprob plus k alternatives
+    cache_salt: str | None = None  # None = unsalted keys; a tenant's salt isolates its cached prefixes
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +90,11 @@ class SamplingParams:
         if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
                                                  or not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS):
             raise RequestError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs!r}")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str)
+                                            or not 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS):
+            got = f"{len(self.cache_salt)} characters" if isinstance(self.cache_salt, str) else repr(self.cache_salt)
+            raise RequestError(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
+                               f"characters, got {got}")
         if self.structured is not None:
             kind, value = self.structured.get("kind"), self.structured.get("value")
             if kind not in STRUCTURED_KINDS or not isinstance(value, str) or not value:

@@ -23,7 +23,7 @@ import torch
 from moeray.common.errors import RequestError
 from moeray.engine.paged_cache import PagedKVCache, PoolSpec, SeqBlocks, plan_pools
 from moeray.engine.sequence import Sequence
-from moeray.kvstore.keys import ROOT_KEY, block_key
+from moeray.kvstore.keys import block_key, root_key
 from moeray.kvstore.spec import ModelCacheSpec
 
 
@@ -209,7 +209,7 @@ class BlockManager:
         ids = seq.all_ids
         while len(blocks.keys) < num_blocks:
             i = len(blocks.keys)
-            parent = blocks.keys[-1] if blocks.keys else ROOT_KEY
+            parent = blocks.keys[-1] if blocks.keys else root_key(seq.cache_salt)
             blocks.keys.append(block_key(parent, ids[i * b:(i + 1) * b], self.model_id, self.codec))
         return blocks.keys[:num_blocks]
 

@@ -1,7 +1,8 @@
 """The engine's side of the KV store: prefix reuse at admission and write-through of completed blocks.
 
 - Keys: a sequence's full blocks are keyed by the hash chain of kvstore/keys.py over prompt + generated ids,
-  so equal prefixes share blocks and a resumed sequence finds the blocks of what it already generated.
+  so equal prefixes share blocks and a resumed sequence finds the blocks of what it already generated. A
+  request's `cache_salt` starts its chain from a salted root, so it shares blocks only with the same salt.
 - Admission: after the blocks the gating actor's own cache holds (engine/block_manager.py), the longest run
   of following blocks present in the store is fetched and written into the sequence's fresh pages instead of
   being recomputed. At least one token is always left to compute (its logits give the next token). A stored
@@ -26,7 +27,7 @@ from moeray.engine.paged_cache import PagedKVCache
 from moeray.engine.sequence import Sequence
 from moeray.kvstore.codec import decode_block, encode_block
 from moeray.kvstore.errors import CorruptBlockError
-from moeray.kvstore.keys import ROOT_KEY, block_key
+from moeray.kvstore.keys import block_key, root_key
 
 
 class KVStoreClient(Protocol):
@@ -85,7 +86,7 @@ class PrefixCache:
         ids, b = seq.all_ids, self.block_size
         while len(sk.keys) < num_blocks:
             i = len(sk.keys)
-            parent = sk.keys[-1] if sk.keys else ROOT_KEY
+            parent = sk.keys[-1] if sk.keys else root_key(seq.cache_salt)
             sk.keys.append(block_key(parent, ids[i * b:(i + 1) * b], self.model_id, self.codec))
         return sk.keys[:num_blocks]
 

@@ -40,6 +40,11 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     @property
+    def cache_salt(self) -> str | None:
+        """The request's cache salt (vLLM's cache_salt): its blocks' keys start from root_key(salt)."""
+        return self.params.cache_salt
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 

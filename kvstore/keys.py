@@ -9,6 +9,12 @@ and every key after it. `model_id` must change whenever the weights or the cache
 only thing that ties a key to a model), and `codec` is hashed so blocks stored lossily never answer a
 bit-exact lookup. Only full blocks are keyed; a partial tail block is not shareable.
 
+Per-tenant salt (vLLM's `cache_salt`). A request that carries a salt starts its chain from
+`root_key(salt)` = H_salt(salt) instead of ROOT_KEY, so every one of its keys differs from the unsalted ones
+and from those of any other salt: it can only hit blocks written by requests with the same salt, and a
+tenant cannot probe (by timing or by cached_tokens) whether another tenant's prompt prefix is cached. No salt
+gives ROOT_KEY, i.e. exactly the unsalted keys.
+
 Rows that cover more than one token. A cache tensor with tokens_per_row = m (DeepSeek-V4's compressed rows
 pool m tokens) holds B / m rows per block of B tokens; the block size is always a multiple of every m
 (`ModelCacheSpec.check_block_size`), so row j of a block pools tokens [jm, (j+1)m) of that block and no row
@@ -31,10 +37,23 @@ import numpy as np
 KEY_BYTES = 16
 ROOT_KEY = bytes(KEY_BYTES)  # the parent of a sequence's first block
 _PERSON = b"moeray.kv.key.v1"  # blake2b personalisation: these digests never collide with other uses
+_SALT_PERSON = b"moeray.kv.salt1"  # a salted root is never a block key, nor ROOT_KEY
+MAX_CACHE_SALT_CHARS = 256
+
+
+def root_key(cache_salt: str | None = None) -> bytes:
+    """The parent of a sequence's first block: ROOT_KEY without a salt, else a 16-byte digest of the salt."""
+    if cache_salt is None:
+        return ROOT_KEY
+    if not isinstance(cache_salt, str) or not 0 < len(cache_salt) <= MAX_CACHE_SALT_CHARS:
+        got = f"{len(cache_salt)} characters" if isinstance(cache_salt, str) else repr(cache_salt)
+        raise ValueError(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters, "
+                         f"got {got}")
+    return hashlib.blake2b(cache_salt.encode("utf-8"), digest_size=KEY_BYTES, person=_SALT_PERSON).digest()
 
 
 def block_key(parent_key: bytes, block_token_ids: Sequence[int], model_id: str, codec: str) -> bytes:
-    """The key of one block whose predecessor's key is `parent_key` (ROOT_KEY for the first block)."""
+    """The key of one block whose predecessor's key is `parent_key` (root_key(salt) for the first block)."""
     return _chain(_base_hasher(model_id, codec), parent_key, _token_bytes(block_token_ids))
 
 
@@ -43,18 +62,22 @@ def block_keys(
     block_size: int,
     model_id: str,
     codec: str,
-    parent_key: bytes = ROOT_KEY,
+    parent_key: bytes | None = None,
+    cache_salt: str | None = None,
 ) -> list[bytes]:
     """Keys of every full block of `token_ids` ([N] ints), in order; N // B keys.
 
-    `parent_key` continues an existing chain (the key of the block just before `token_ids[0]`)."""
+    `parent_key` continues an existing chain (the key of the block just before `token_ids[0]`); without it the
+    chain starts at root_key(cache_salt)."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    if parent_key is not None and cache_salt is not None:
+        raise ValueError("give parent_key or cache_salt, not both (a continued chain already carries its salt)")
     tokens = _token_array(token_ids)  # [N] little-endian int64
     num_blocks = len(tokens) // block_size
     base = _base_hasher(model_id, codec)
     keys: list[bytes] = []
-    key = parent_key
+    key = root_key(cache_salt) if parent_key is None else parent_key
     for i in range(num_blocks):
         key = _chain(base, key, tokens[i * block_size : (i + 1) * block_size].tobytes())
         keys.append(key)

@@ -24,9 +24,13 @@ AFFINITY_TOKENS = 16  # the prompt tokens hashed: the first block at the default
 LOAD_BOUND = 1.25
 
 
-def prefix_key(prompt_ids: Sequence[int], num_tokens: int = AFFINITY_TOKENS) -> int:
-    """A 64-bit hash of the prompt's first `num_tokens` token ids (the first block)."""
+def prefix_key(prompt_ids: Sequence[int], num_tokens: int = AFFINITY_TOKENS, cache_salt: str | None = None) -> int:
+    """A 64-bit hash of the prompt's first `num_tokens` token ids (the first block), and of the request's
+    cache_salt when it has one (its blocks are cached apart, so it need not follow the unsalted prefix)."""
     raw = b"".join(int(t).to_bytes(8, "little", signed=False) for t in prompt_ids[:num_tokens])
+    if cache_salt is not None:  # length-prefixed after the ids: unsalted keys are unchanged
+        salt = cache_salt.encode("utf-8")
+        raw += b"\xffsalt" + len(salt).to_bytes(4, "little") + salt
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8, person=b"moeray.affinity").digest(), "little")
 
 
@@ -68,7 +72,9 @@ def affinity_order(key: int, loads: Sequence[int], bound: float = LOAD_BOUND, vn
     return under + over
 
 
-def order_by_affinity(backends: Sequence[T], prompt_ids: Sequence[int], bound: float = LOAD_BOUND) -> list[T]:
+def order_by_affinity(backends: Sequence[T], prompt_ids: Sequence[int], bound: float = LOAD_BOUND,
+                      cache_salt: str | None = None) -> list[T]:
     """`backends` (anything with `.load()` -> in-flight requests) in the order to try for this prompt."""
     loads = [int(b.load()) for b in backends]
-    return [backends[i] for i in affinity_order(prefix_key(prompt_ids), loads, bound)]
+    key = prefix_key(prompt_ids, cache_salt=cache_salt)
+    return [backends[i] for i in affinity_order(key, loads, bound)]
