@@ -77,6 +77,7 @@ class ExpertGroupActor:
         return {"actor_id": self.actor_id, "busy_s": self._busy_s, "rows": self._rows, "calls": self._calls,
                 "uptime_s": time.monotonic() - self._started, "device": str(self.device), "pid": os.getpid(),
                 "dtype": str(self.dtype).removeprefix("torch."), "placement": self.device_kind,
+                "torch_threads": torch.get_num_threads(),
                 "node_id": ray.get_runtime_context().get_node_id(), "weight_bytes": self.group.nbytes()}
 
 
