@@ -198,7 +198,8 @@ class OpenAIApp:
                   "repetition_penalty": body.repetition_penalty, "min_tokens": body.min_tokens,
                   "logit_bias": {int(k): float(v) for k, v in (body.logit_bias or {}).items()},
                   "include_stop_str_in_output": body.include_stop_str_in_output,
-                  "skip_special_tokens": body.skip_special_tokens, "prompt_logprobs": body.prompt_logprobs}
+                  "skip_special_tokens": body.skip_special_tokens, "prompt_logprobs": body.prompt_logprobs,
+                  "cache_salt": body.cache_salt}
         top_k = None if body.top_k is None else max(body.top_k, 0)
         optional = {"temperature": body.temperature, "top_p": body.top_p, "top_k": top_k, "seed": body.seed}
         fields.update({k: v for k, v in optional.items() if v is not None})

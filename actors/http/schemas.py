@@ -186,6 +186,7 @@ class SamplingBody(BaseModel):
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # per prompt token: k alternatives
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)  # reuse only this salt's cached prefixes
 
     @field_validator("stream_options")
     @classmethod
