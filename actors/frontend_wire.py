@@ -29,7 +29,7 @@ from moeray.common.errors import (
 
 OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs", "skip_special_tokens",
-                   "prompt_logprobs")
+                   "prompt_logprobs", "cache_salt")
 
 
 @dataclass(frozen=True, slots=True)

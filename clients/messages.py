@@ -120,11 +120,13 @@ def build_request(
     include_stop_str_in_output: bool = False,
     skip_special_tokens: bool | None = None,
     prompt_logprobs: int | None = None,
+    cache_salt: str | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; a str prompt is sent as text, a sequence of ints as prompt_token_ids.
 
     Parameters left None take the server's defaults. Nothing is validated here: the server is the judge.
-    structured: {"kind": "json" | "regex" | "choice" | "grammar", "value": str}.
+    structured: {"kind": "json" | "regex" | "choice" | "grammar", "value": str}. cache_salt: reuse only the cached
+    prefixes of requests with the same salt (a per-tenant secret; vLLM's cache_salt).
     """
     request = pb.GenerateRequest(
         model=model,
@@ -145,7 +147,8 @@ def build_request(
     optional = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
                 "min_p": min_p, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
                 "repetition_penalty": repetition_penalty, "min_tokens": min_tokens, "top_logprobs": top_logprobs,
-                "skip_special_tokens": skip_special_tokens, "prompt_logprobs": prompt_logprobs}
+                "skip_special_tokens": skip_special_tokens, "prompt_logprobs": prompt_logprobs,
+                "cache_salt": cache_salt}
     for name, value in optional.items():
         if value is not None:
             setattr(request, name, value)

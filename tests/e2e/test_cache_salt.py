@@ -1,13 +1,16 @@
-"""cache_salt (vLLM's) over the OpenAI HTTP API with the official client: a salted request reuses only the
-prefixes cached by requests with the same salt, reported in usage.prompt_tokens_details.cached_tokens."""
+"""cache_salt (vLLM's) over the OpenAI HTTP API with the official client, and over gRPC with MoerayClient: a
+salted request reuses only the prefixes cached by requests with the same salt, as the usage's cached_tokens
+reports."""
 
 from __future__ import annotations
 
 import openai
 import pytest
 
-from moeray.actors.frontend import FrontendConfig
+from moeray.actors.frontend import FrontendConfig, serve_frontend
 from moeray.actors.http import serve_http
+from moeray.clients.client import MoerayClient
+from moeray.clients.messages import InvalidRequestError
 
 # long enough for several full blocks at the default block size; no other test in this module caches it
 SHARED = "Salted caches keep tenants apart: " + "the same words again and again, " * 6
@@ -62,3 +65,19 @@ def test_bad_salt_is_a_400_naming_cache_salt(client, model, salt):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt="hi", max_tokens=1, extra_body={"cache_salt": salt})
     assert e.value.body["param"] == "cache_salt" and "cache_salt" in e.value.body["message"]
+
+
+def test_grpc_client_reuses_only_the_same_salt(loop_thread, real_backends):
+    server, port = loop_thread.run(serve_frontend(real_backends, "127.0.0.1", 0, config=FrontendConfig()))
+    try:
+        with MoerayClient(f"127.0.0.1:{port}") as c:
+            def run(salt):
+                return c.complete(SHARED + "grpc", max_tokens=2, temperature=0.0, ignore_eos=True, cache_salt=salt)
+
+            assert run("grpc-a").usage.cached_tokens == 0
+            assert run("grpc-b").usage.cached_tokens == 0
+            assert run("grpc-a").usage.cached_tokens > 0
+            with pytest.raises(InvalidRequestError, match="cache_salt"):
+                run("x" * 257)
+    finally:
+        loop_thread.run(server.stop(0))

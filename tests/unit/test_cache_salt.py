@@ -93,3 +93,16 @@ def test_local_prefix_cache_hits_only_the_same_salt():
     assert bm.keys(plain, 2) == block_keys(TOKENS, B, "local", "none")
     assert bm.match_prefix(_seq("f", TOKENS + [1])) == 2
     assert bm.match_prefix(_seq("g", TOKENS + [1], "t3")) == 0
+
+
+def test_grpc_wire_carries_the_salt():
+    from moeray.actors.frontend_wire import request_to_dict
+    from moeray.clients.messages import build_request
+    from moeray.clients.proto import moeray_pb2 as pb
+
+    msg = pb.GenerateRequest.FromString(build_request("hi", cache_salt="tenant-a").SerializeToString())
+    assert msg.HasField("cache_salt") and GenerateRequest(**request_to_dict(msg)).cache_salt == "tenant-a"
+    unsalted = build_request("hi")
+    assert not unsalted.HasField("cache_salt") and "cache_salt" not in request_to_dict(unsalted)
+    with pytest.raises(ValueError, match="cache_salt"):  # set but empty is refused, not read as unset
+        GenerateRequest(**request_to_dict(build_request("hi", cache_salt="")))
