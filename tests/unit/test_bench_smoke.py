@@ -65,6 +65,9 @@ def test_engine_ratios_divide_by_the_best_peer_at_each_batch():
     assert r["local_over_best_transformers"] == pytest.approx({1: 1.0, 64: 2.0})
     assert r["local_over_best_vllm"] == pytest.approx({1: 0.5, 64: 2.5})
     assert r["headline"] == {"min_local_over_best_peer": pytest.approx(0.5), "goal_met": False}
+    per_cpu = {"vllm_bf16": {1: {"tok_per_s": 1.0, "tok_per_cpu_s": 50.0}},
+               "moeray_local": {1: {"tok_per_s": 1.0, "tok_per_cpu_s": 40.0}}}
+    assert engine_bench.ratios(per_cpu, (1,))["local_over_best_peer_per_cpu_s"] == {1: pytest.approx(0.8)}
     assert engine_bench.ratios({"moeray_local": {1: {"tok_per_s": 1.0}}}, (1,))["local_over_best_peer"] == {1: None}
     agree = engine_bench.agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]])
     assert agree == {"identical": 0.5, "matching_prefix": pytest.approx((1 + 1 / 3) / 2)}
