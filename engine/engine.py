@@ -25,6 +25,7 @@ from moeray.engine.scheduler import ScheduledChunk, Scheduler
 from moeray.engine.sequence import Sequence
 from moeray.engine.structured import Grammars
 from moeray.engine.transport import ExpertTransport
+from moeray.models.dense import cast_dense
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +74,7 @@ class Engine:
     def __init__(self, dense: torch.nn.Module, transport: ExpertTransport, config: EngineConfig,
                  decode: Callable[[list[int]], str] | None = None, prefix: PrefixCache | None = None,
                  grammars: Grammars | None = None) -> None:
-        self.dense, self.cfg, self.config = dense, dense.cfg, config  # the dtype cast comes with models/dense.py
+        self.dense, self.cfg, self.config = cast_dense(dense, config.dtype), dense.cfg, config
         self.cache: PagedKVCache
         self.blocks: BlockManager
         self.cache, self.blocks = build_kv_cache(dense.cache_spec(), config, prefix, next(dense.parameters()).dtype)
