@@ -94,6 +94,28 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
+def finish(path: Path, obj: dict[str, Any], text: str | None = None) -> int:
+    """A benchmark main's tail: print `text` (when given), write obj as JSON to path, exit status 0."""
+    if text is not None:
+        print(text)
+    write_json(path, obj)
+    return 0
+
+
+def load_dense_checkpoint(path: Path) -> tuple[Any, Any, Any]:
+    """-> (ModelConfig, Checkpoint, the dense part built and loaded from it, in eval mode) of the checkpoint at path."""
+    from moeray.models.checkpoint import Checkpoint, load_dense
+    from moeray.models.config import ModelConfig
+    from moeray.models.registry import build_dense_model
+
+    model_cfg = ModelConfig.from_pretrained(str(path))
+    ckpt = Checkpoint(str(path))
+    dense = build_dense_model(model_cfg)
+    load_dense(dense, model_cfg, ckpt)
+    dense.eval()
+    return model_cfg, ckpt, dense
+
+
 def ratio(num: float | None, den: float | None) -> float | None:
     """num / den, or None when either is missing or den is zero."""
     if num is None or den is None or den == 0:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from moeray.bench.common import finish
+
 
 def find_accelerator() -> str | None:
     """'gpu', 'npu' or None, without initialising anything that is not there."""
@@ -135,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         dep.shutdown()
     for b in batches:
         print(f"B={b:3d} {device} {res['tok_s_device'][b]:8.1f} tok/s  cpu {res['tok_s_cpu'][b]:8.1f} tok/s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    return finish(args.out, res)
 
 
 if __name__ == "__main__":

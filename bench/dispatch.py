@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from moeray.bench.common import host_info, interleaved_times, write_json
+from moeray.bench.common import host_info, interleaved_times, load_dense_checkpoint, write_json
 
 BATCHES = (1, 16, 64)
 
@@ -48,19 +48,13 @@ def build_systems(path: Path, dtype: str, micro_batches: int) -> tuple[Any, Any]
     from moeray.common.config import ServeConfig
     from moeray.engine.engine import Engine
     from moeray.engine.transport import LocalTransport
-    from moeray.models.checkpoint import Checkpoint, load_dense, load_experts_into, new_expert_group
-    from moeray.models.config import ModelConfig
+    from moeray.models.checkpoint import load_experts_into, new_expert_group
     from moeray.models.dtypes import resolve_dtype
-    from moeray.models.registry import build_dense_model
 
     cfg = ServeConfig(model=str(path), num_expert_groups=4, controller=False, torch_threads=1, dtype=dtype,
                       micro_batches=micro_batches, namespace="moeray-bench-dispatch", kv_cache_blocks=1024)
     dep = deploy(cfg)
-    model_cfg = ModelConfig.from_pretrained(str(path))
-    ckpt = Checkpoint(str(path))
-    dense = build_dense_model(model_cfg)
-    load_dense(dense, model_cfg, ckpt)
-    dense.eval()
+    model_cfg, ckpt, dense = load_dense_checkpoint(path)
     dt = resolve_dtype(dtype, "cpu", reduced_ok=getattr(dense, "reduced_precision", False))
     if dt != torch.float32:
         dense.to(dt)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from moeray.bench.common import machine_info, ratio, write_json
+from moeray.bench.common import finish, machine_info, ratio
 from moeray.bench.engine_systems import (
     DEFAULT_VLLM_VENV,
     LocalSystem,
@@ -302,9 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    print(format_table(result))
-    write_json(args.out, result)
-    return 0
+    return finish(args.out, result, format_table(result))
 
 
 if __name__ == "__main__":

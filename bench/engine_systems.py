@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from moeray.bench.common import process_tree_cpu_s
+from moeray.bench.common import load_dense_checkpoint, process_tree_cpu_s
 
 CKPT_CONFIG = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
                    num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=2,
@@ -98,17 +98,11 @@ class LocalSystem:
         from moeray.actors.gating import engine_config
         from moeray.engine.engine import Engine
         from moeray.engine.transport import LocalTransport, local_expert_groups
-        from moeray.models.checkpoint import Checkpoint, load_dense, load_experts_into, new_expert_group
-        from moeray.models.config import ModelConfig
+        from moeray.models.checkpoint import load_experts_into, new_expert_group
         from moeray.models.dtypes import resolve_dtype
-        from moeray.models.registry import build_dense_model
 
         cfg = serve_config(path, "local", **overrides)
-        model_cfg = ModelConfig.from_pretrained(str(path))
-        ckpt = Checkpoint(str(path))
-        dense = build_dense_model(model_cfg)
-        load_dense(dense, model_cfg, ckpt)
-        dense.eval()
+        model_cfg, ckpt, dense = load_dense_checkpoint(path)
         dtype = resolve_dtype(cfg.dtype, "cpu", reduced_ok=getattr(dense, "reduced_precision", False))
         self.table = build_table(cfg, model_cfg)
         self.groups = local_expert_groups(self.table, lambda: new_expert_group(model_cfg, ckpt, dtype=dtype),

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from moeray.bench.common import interleaved_times, machine_info, write_json
+from moeray.bench.common import finish, interleaved_times, machine_info, write_json
 from moeray.experts.group import ExpertGroup
 
 GOAL_FRACTION = 0.7  # issue 2
@@ -290,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out.with_name(args.out.stem + "_packed.json"), result)
         return 0
     result = run(QUICK_CASES if args.quick else FULL_CASES, sizes, args.threads, repeats, args.seed)
-    print(format_table(result))
-    write_json(args.out, result)
-    return 0
+    return finish(args.out, result, format_table(result))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from typing import Any
 import ray
 import torch
 
+from moeray.bench.common import finish
+
 
 def _build(family: str, skew: bool = False) -> str:
     import transformers as tf
@@ -359,10 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if e:
         print(f"EPLB         imbalance {e['imbalance_before']:.2f} -> {e['imbalance_after']:.2f}, throughput "
               f"{e['speedup']:.2f}x after/before, outputs unchanged: {e['outputs_unchanged']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    return finish(args.out, res)
 
 
 if __name__ == "__main__":

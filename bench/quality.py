@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from moeray.bench.common import finish
 from moeray.kvstore.codec import decode_block, encode_block
 
 CODECS = ("none", "fp16", "int8", "int4")
@@ -201,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         change = "" if k == "reference" else f"  ({res['change_vs_reference'][k]:+.4%} vs reference)"
         print(f"  {k:10s} {v:9.3f}{change}")
     print(f"heatmap: {res['heatmap_png']}")
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    return finish(args.out, res)
 
 
 if __name__ == "__main__":
