@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 import httpx
 
 from moeray.bench.common import host_info, write_json
-from moeray.bench.serving_systems import resolve_model
+from moeray.bench.serving_systems import free_port, resolve_model
 
 PROMPT = "w5 w9 w17 w33 w65 w129 w257 w513"  # words of the fallback model's vocabulary; any tokenizer takes them
 READY_TIMEOUT_S = 300.0
@@ -50,12 +49,6 @@ def cpu_flags() -> list[str]:
         return []
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return sorted(set(flags) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:
@@ -123,7 +116,7 @@ class Server:
     """`moeray serve` in a child process (its own session, so stopping it stops its Ray too)."""
 
     def __init__(self, model: Path, limit: int, num_expert_groups: int) -> None:
-        self.grpc_port, self.http_port = _free_port(), _free_port()
+        self.grpc_port, self.http_port = free_port(), free_port()
         self.config = Path(tempfile.mkdtemp(prefix="moeray-overload-")) / "serve.yaml"
         self.config.write_text(json.dumps({"model": str(model), "model_name": "bench", "dtype": "float32",
                                            "num_expert_groups": num_expert_groups}))

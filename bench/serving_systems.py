@@ -155,7 +155,7 @@ class VllmSystem:
     async def start(self) -> None:
         import httpx
 
-        port = _free_port()
+        port = free_port()
         cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
                "--max-model-len", str(self.max_model_len), "--dtype", self.dtype, "--disable-log-stats"]
@@ -202,7 +202,8 @@ def vllm_dtype() -> str:
     return "bfloat16" if "amx_bf16" in flags else "float32"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket
 
     with socket.socket() as s:
