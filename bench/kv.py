@@ -53,6 +53,22 @@ from moeray.bench.kv_v4 import (  # noqa: F401 (re-exported)
 
 
 # ---- time to first token with a cached prefix ----------------------------------------------------------------
+def tiny_qwen3(prefix: str, num_groups: int, **sizes: int) -> tuple[Any, Any]:
+    """A qwen3_moe checkpoint built by transformers (under the caller's torch seed) in a temporary folder, loaded as
+    a ReferenceModel split into `num_groups` expert groups; returns (model, its round-robin routing table)."""
+    import tempfile
+
+    import transformers as tf
+
+    from moeray.models.reference import ReferenceModel
+    from moeray.router.table import RoutingTable
+
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**sizes)).save_pretrained(path)
+    ref = ReferenceModel.from_pretrained(path, num_expert_groups=num_groups)
+    return ref, RoutingTable.round_robin(list(ref.cfg.moe_layers), ref.cfg.num_experts, num_groups)
+
+
 def run_ttft(args: argparse.Namespace) -> dict[str, Any]:
     """TTFT of a request sharing its first 1,024 tokens with an earlier request, vs the same request cold (same
     run): from the gating engine's own cache with the KV store off (the earlier request ran on the same engine),
@@ -60,28 +76,20 @@ def run_ttft(args: argparse.Namespace) -> dict[str, Any]:
 
     Model: qwen3_moe built by transformers (seed 0; the engine benchmark's shape: hidden 512, 8 layers, 16 experts
     top-2), engine in process with the local transport and an in-process shard store (`none` codec)."""
-    import tempfile
     import time
-
-    import transformers as tf
 
     from moeray.common import SamplingParams
     from moeray.engine.engine import Engine, EngineConfig
     from moeray.engine.prefix import LocalKVClient, PrefixCache
     from moeray.engine.transport import LocalTransport
     from moeray.kvstore.store import ShardStore
-    from moeray.models.reference import ReferenceModel
-    from moeray.router.table import RoutingTable
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    hf_cfg = tf.Qwen3MoeConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-                               num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=16,
-                               num_experts_per_tok=2, moe_intermediate_size=512, max_position_embeddings=4096)
-    path = Path(tempfile.mkdtemp(prefix="moeray-ttft-"))
-    tf.Qwen3MoeForCausalLM(hf_cfg).save_pretrained(path)
-    ref = ReferenceModel.from_pretrained(path, num_expert_groups=4)
-    table = RoutingTable.round_robin(list(ref.cfg.moe_layers), ref.cfg.num_experts, 4)
+    ref, table = tiny_qwen3("moeray-ttft-", 4, vocab_size=4096, hidden_size=512, intermediate_size=1024,
+                            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                            num_experts=16, num_experts_per_tok=2, moe_intermediate_size=512,
+                            max_position_embeddings=4096)
     store = ShardStore(1 << 30)
     prefix_len, new_len = args.prefix_tokens, 16
 
@@ -132,26 +140,19 @@ def run_routing(args: argparse.Namespace) -> dict[str, Any]:
     32 requests sharing 4 long prefixes, KV store off. Engines run in process (qwen3_moe built by transformers,
     local transport), stepped in turn; the router sees each engine's in-flight count, as the front end does. A
     request arrives every `--arrival-steps` engine steps."""
-    import tempfile
 
-    import transformers as tf
 
     from moeray.common import SamplingParams
     from moeray.engine.engine import Engine, EngineConfig
     from moeray.engine.transport import LocalTransport
-    from moeray.models.reference import ReferenceModel
     from moeray.router.affinity import affinity_order, prefix_key
-    from moeray.router.table import RoutingTable
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    hf_cfg = tf.Qwen3MoeConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
-                               num_experts_per_tok=2, moe_intermediate_size=128, max_position_embeddings=2048)
-    path = Path(tempfile.mkdtemp(prefix="moeray-routing-"))
-    tf.Qwen3MoeForCausalLM(hf_cfg).save_pretrained(path)
-    ref = ReferenceModel.from_pretrained(path, num_expert_groups=1)
-    table = RoutingTable.round_robin(list(ref.cfg.moe_layers), ref.cfg.num_experts, 1)
+    ref, table = tiny_qwen3("moeray-routing-", 1, vocab_size=1024, hidden_size=128, intermediate_size=256,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+                            max_position_embeddings=2048)
     g = torch.Generator().manual_seed(args.seed)
     prefixes = [torch.randint(0, 1024, (args.routing_prefix_tokens,), generator=g).tolist() for _ in range(4)]
     order = torch.randperm(32, generator=g).tolist()
