@@ -80,13 +80,13 @@ def loop():
     thread.close()
 
 
-@pytest.fixture(scope="module")
-def serve(loop):
-    """Factory: (backend, base url) of an HTTP API over a fresh FakeBackend."""
+def http_servers(loop: LoopThread, make_backend):
+    """Yields a factory of (backend, base url) of an HTTP API over a fresh `make_backend()` (or the given
+    backend); stops every server it started when resumed. Shared by this module's and test_http_parity's fixture."""
     servers = []
 
-    def start(backend: FakeBackend | None = None, frontend: Frontend | None = None, **config):
-        backend = backend or FakeBackend()
+    def start(backend=None, frontend: Frontend | None = None, **config):
+        backend = backend or make_backend()
         server, port = loop.run(serve_http([backend], "127.0.0.1", 0, FrontendConfig(**config), frontend=frontend))
         servers.append(server)
         return backend, f"http://127.0.0.1:{port}"
@@ -94,6 +94,12 @@ def serve(loop):
     yield start
     for server in servers:
         loop.run(server.stop(0))
+
+
+@pytest.fixture(scope="module")
+def serve(loop):
+    """Factory: (backend, base url) of an HTTP API over a fresh FakeBackend."""
+    yield from http_servers(loop, FakeBackend)
 
 
 @pytest.fixture(scope="module")

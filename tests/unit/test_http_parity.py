@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 from support.loop import LoopThread
-from test_http_api import WORDS, FakeBackend
+from test_http_api import WORDS, FakeBackend, http_servers
 
 from moeray.actors.frontend import FrontendConfig
 from moeray.actors.http import serve_http
@@ -46,17 +46,7 @@ def loop():
 
 @pytest.fixture(scope="module")
 def serve(loop):
-    servers = []
-
-    def start(**config):
-        backend = RichBackend()
-        server, port = loop.run(serve_http([backend], "127.0.0.1", 0, FrontendConfig(**config)))
-        servers.append(server)
-        return backend, f"http://127.0.0.1:{port}"
-
-    yield start
-    for server in servers:
-        loop.run(server.stop(0))
+    yield from http_servers(loop, RichBackend)
 
 
 @pytest.fixture(scope="module")
