@@ -25,6 +25,7 @@ Legend: M = rows sent, P = (row, expert) pairs, D = hidden, I = expert intermedi
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from moeray.experts import quant_kernels
-from moeray.experts.group import SMALL_ROWS
+from moeray.experts.group import SMALL_ROWS, SMALL_ROWS_REDUCED
 from moeray.experts.quant_formats import MX_GROUP, e2m1_lut, scale_to_float
 
 FORMATS = ("fp8", "mxfp4", "int8")
@@ -82,7 +83,8 @@ class PackedExpertGroup:
         self.hidden, self.inter, self.swiglu_limit = hidden, inter, swiglu_limit
         self.dtype, self.device, self.fmt, self.block = dtype, torch.device(device), fmt, block
         self._layers: dict[int, dict[int, PackedExpert]] = {}
-        self._lut = _pair_lut(fmt, dtype).to(self.device) if fmt != "int8" else None
+        self._tile_dtype = _tile_dtype(self.dtype, self.device)
+        self._lut = _pair_lut(fmt, self._tile_dtype).to(self.device) if fmt != "int8" else None
         self._local = threading.local()  # per-thread decode buffers (local transports may call from threads)
 
     # ---- slots ---------------------------------------------------------------------------------------
@@ -163,23 +165,44 @@ class PackedExpertGroup:
         return self._linear(F.silu(gate).mul_(up), ex.w2)
 
     def _linear(self, xs: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-        """xs [c, K] @ W.t() for a packed W [N, K] -> [c, N]."""
-        if self.fmt == "int8":
+        """xs [c, K] @ W.t() for a packed W [N, K] -> [c, N] in the compute dtype, by the path `path(c)` picks."""
+        path = self.path(xs.shape[0])
+        if path == "int8":
             return torch._weight_int8pack_mm(xs.contiguous(), w.codes, w.scale.to(self.dtype))
-        if (xs.shape[0] <= quant_kernels.FUSED_MAX_ROWS and self.device.type == "cpu"
-                and quant_kernels.available()):
-            return quant_kernels.gemm_packed(xs, self.fmt, w.codes, w.scale, self.block).to(self.dtype)
+        if path == "gemv":
+            return quant_kernels.gemv_packed(xs, self.fmt, w.codes, w.scale, self.block).to(self.dtype)
         n, k = w.codes.shape[0], xs.shape[1]
-        out = torch.empty(xs.shape[0], n, dtype=self.dtype, device=self.device)
+        xt = xs.to(self._tile_dtype)
+        small = xs.shape[0] <= (SMALL_ROWS if self._tile_dtype == torch.float32 else SMALL_ROWS_REDUCED)
         rows_per_tile = self._tile_rows(n, k)
         tile_buf, idx_buf = self._buffers(rows_per_tile * k)
+        parts = []
         for r0 in range(0, n, rows_per_tile):
             r1 = min(n, r0 + rows_per_tile)
             tile = tile_buf[:(r1 - r0) * k].view(r1 - r0, k)
             self._decode(w, r0, r1, tile, idx_buf)
-            # few rows: W @ x.t() is MKL's fast form (as in ExpertGroup); many rows: x @ W.t()
-            out[:, r0:r1] = torch.mm(tile, xs.t()).t() if xs.shape[0] <= SMALL_ROWS else torch.mm(xs, tile.t())
-        return out
+            # few rows: W @ x.t() is MKL's / oneDNN's fast form (as in ExpertGroup; made row-major again, which
+            # keeps the next ops fast); many rows: x @ W.t()
+            parts.append(torch.mm(tile, xt.t()).t().contiguous() if small else torch.mm(xt, tile.t()))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return y.to(self.dtype)
+
+    def path(self, rows: int) -> str:
+        """How a GEMM over `rows` rows of one expert runs: "int8" (torch's weight-only int8 kernel), "gemv"
+        (numba's fused decode-and-dot, few rows on CPU) or "tile" (decode a tile into `tile_dtype`, then the
+        library GEMM: the decode is paid once for all rows)."""
+        if self.fmt == "int8":
+            return "int8"
+        if rows <= quant_kernels.FUSED_MAX_ROWS and self.device.type == "cpu" and quant_kernels.available():
+            return "gemv"
+        return "tile"
+
+    @property
+    def tile_dtype(self) -> torch.dtype:
+        """The dtype tiles are decoded into: bfloat16 where the group computes in it and this CPU runs bf16
+        GEMMs natively (models/dtypes.py, decided at run time), else float32 (an AVX2-only CPU runs bf16
+        matmuls ~400x slower than fp32); off CPU the compute dtype."""
+        return self._tile_dtype
 
     def _tile_rows(self, n: int, k: int) -> int:
         rows = max(1, TILE_ELEMS // k)
@@ -189,31 +212,21 @@ class PackedExpertGroup:
         return min(n, rows)
 
     def _buffers(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(decoded tile [numel] in the compute dtype, table indices) reused across calls: fresh large
+        """(decoded tile [numel] in the tile dtype, table indices) reused across calls: fresh large
         allocations page-fault on every call (measured 5x slower decode)."""
         bufs = getattr(self._local, "bufs", None)
         if bufs is None or bufs[0].numel() < numel:
-            bufs = (torch.empty(numel, dtype=self.dtype, device=self.device),
+            bufs = (torch.empty(numel, dtype=self._tile_dtype, device=self.device),
                     torch.empty(numel, dtype=torch.int32, device=self.device))
             self._local.bufs = bufs
         return bufs
-
-    def _f32_tile(self, numel: int) -> torch.Tensor:
-        buf = getattr(self._local, "f32", None)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=torch.float32)
-            self._local.f32 = buf
-        return buf[:numel]
 
     def _decode(self, w: PackedWeight, r0: int, r1: int, tile: torch.Tensor, idx_buf: torch.Tensor) -> None:
         """Rows r0:r1 of W, dequantized into tile [r1 - r0, K]: numba's one-pass decode where available (into
         float32, then cast), else code values by one table gather per two stored bytes, then times the scales."""
         rows, k = tile.shape
-        if self.device.type == "cpu" and quant_kernels.available():
-            f32 = tile if tile.dtype == torch.float32 else self._f32_tile(rows * k).view(rows, k)
-            quant_kernels.decode_rows(self.fmt, w.codes, w.scale, self.block, r0, r1, f32)
-            if f32 is not tile:
-                tile.copy_(f32)
+        if self.device.type == "cpu" and quant_kernels.available() and tile.dtype in (torch.float32, torch.bfloat16):
+            quant_kernels.decode_rows(self.fmt, w.codes, w.scale, self.block, r0, r1, tile)
             return
         codes = w.codes[r0:r1].reshape(-1)
         if codes.numel() % 2:  # an odd number of fp8 codes: no byte pairs (tiny odd shapes only)
@@ -224,17 +237,32 @@ class PackedExpertGroup:
             idx.copy_(pairs).bitwise_and_(0xFFFF)
             torch.index_select(self._lut, 0, idx, out=tile.view(-1).view(self._lut.dtype))
         if self.fmt == "mxfp4":
-            s = scale_to_float(w.scale[r0:r1]).to(self.dtype)
+            s = scale_to_float(w.scale[r0:r1]).to(tile.dtype)
             tile.view(rows, k // MX_GROUP, MX_GROUP).mul_(s[:, :, None])
             return
         bo, bi = self.block
         s = scale_to_float(w.scale[r0 // bo: -(-r1 // bo)])  # [tile blocks, ceil(K/bi)]
-        s = s.repeat_interleave(bo, 0)[:rows].to(self.dtype)  # [rows, ceil(K/bi)]
+        s = s.repeat_interleave(bo, 0)[:rows].to(tile.dtype)  # [rows, ceil(K/bi)]
         full = k // bi
         if full:
             tile[:, :full * bi].unflatten(1, (full, bi)).mul_(s[:, :full, None])
         if full * bi < k:
             tile[:, full * bi:].mul_(s[:, full:full + 1])
+
+
+@functools.cache
+def _cpu_bf16_fast() -> bool:
+    """Whether this CPU runs bf16 GEMMs natively (AVX512-BF16 or AMX, the flags models/dtypes.py's `auto` reads;
+    here from torch's cpuinfo, which also works off Linux). Unknown -> False: float32 tiles are always fast."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(p is not None and p() for p in probes)
+
+
+def _tile_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """See PackedExpertGroup.tile_dtype."""
+    if device.type != "cpu":
+        return dtype
+    return torch.bfloat16 if dtype == torch.bfloat16 and _cpu_bf16_fast() else torch.float32
 
 
 _ELEM_OF_BYTES = {4: torch.int32, 8: torch.int64, 16: torch.complex128}

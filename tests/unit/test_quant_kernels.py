@@ -1,0 +1,185 @@
+"""The packed-expert kernels (experts/quant_kernels.py) against the reference dequantize-then-matmul, and the
+choice of path (fused GEMV for few rows, decoded tile + library GEMM for more) in PackedExpertGroup."""
+
+import pytest
+import torch
+
+from moeray.experts import quant_kernels, quantized
+from moeray.experts.group import ExpertGroup
+from moeray.experts.quant_formats import (
+    dequant_fp8_blocks,
+    dequant_mxfp4,
+    quantize_fp8_blocks,
+    quantize_int8_rows,
+    quantize_mxfp4,
+)
+from moeray.experts.quantized import PackedExpert, PackedExpertGroup, PackedWeight
+
+pytestmark = pytest.mark.skipif(not quant_kernels.available(), reason="numba is not installed")
+
+N, K = 72, 96  # rows 72 with 32-row blocks and cols 96 with 40-col blocks: partial fp8 edge blocks both ways
+
+
+def _weight(fmt: str, scale_fmt: str = "float", seed: int = 0):
+    """(codes, scale, block, the dequantized [N, K] float32 reference)."""
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05
+    if fmt == "mxfp4":
+        codes, scale = quantize_mxfp4(w)
+        return codes, scale, None, dequant_mxfp4(codes, scale)
+    codes, scale = quantize_fp8_blocks(w, (32, 40), scale_fmt=scale_fmt)
+    return codes, scale, (32, 40), dequant_fp8_blocks(codes, scale, (32, 40))
+
+
+FORMATS = [("mxfp4", "float"), ("fp8", "float"), ("fp8", "ue8m0")]
+
+
+@pytest.mark.parametrize("fmt, scale_fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, quant_kernels.FUSED_MAX_ROWS, 9])
+@pytest.mark.parametrize("threads", [1, 2])  # the serial kernel, and the prange one
+def test_gemv_matches_dequantize_then_matmul(fmt, scale_fmt, rows, threads):
+    codes, scale, block, ref = _weight(fmt, scale_fmt)
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(1))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = quant_kernels.gemv_packed(x, fmt, codes, scale, block)
+    finally:
+        torch.set_num_threads(prev)
+    assert got.dtype == torch.float32 and got.shape == (rows, N)
+    assert (got - x @ ref.t()).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("fmt, scale_fmt", FORMATS)
+@pytest.mark.parametrize("r0, r1", [(0, N), (32, 64), (5, 71)])  # whole, block-aligned, and mid-block rows
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_rows_exact_in_float32_and_bfloat16(fmt, scale_fmt, r0, r1, threads):
+    codes, scale, block, ref = _weight(fmt, scale_fmt)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        f32 = torch.empty(r1 - r0, K)
+        quant_kernels.decode_rows(fmt, codes, scale, block, r0, r1, f32)
+        bf16 = torch.empty(r1 - r0, K, dtype=torch.bfloat16)
+        quant_kernels.decode_rows(fmt, codes, scale, block, r0, r1, bf16)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(f32, ref[r0:r1])
+    assert torch.equal(bf16, ref[r0:r1].to(torch.bfloat16))  # rounded to nearest even, as torch rounds
+
+
+def test_bfloat16_decode_rounds_like_torch_on_every_e4m3_code():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(2, 128)
+    finite = ~codes.float().isnan()
+    for s in (1.0, 0.3137, 1.7e-3, 2.0**-20):  # scales whose products need rounding to 8 bits
+        scale = torch.tensor([[s]])
+        ref = dequant_fp8_blocks(codes, scale, (2, 128))
+        out = torch.empty(2, 128, dtype=torch.bfloat16)
+        quant_kernels.decode_rows("fp8", codes, scale, (2, 128), 0, 2, out)
+        assert torch.equal(out[finite], ref[finite].to(torch.bfloat16)), s
+        assert out[~finite].isnan().all()
+
+
+def test_decode_rows_refuses_other_tile_dtypes():
+    codes, scale, block, _ = _weight("mxfp4")
+    with pytest.raises(TypeError, match="float16"):
+        quant_kernels.decode_rows("mxfp4", codes, scale, block, 0, 4, torch.empty(4, K, dtype=torch.float16))
+
+
+# ---- path selection --------------------------------------------------------------------------------------
+def test_path_by_rows_per_expert():
+    g = PackedExpertGroup(K, N, fmt="mxfp4")
+    limit = quant_kernels.FUSED_MAX_ROWS
+    assert [g.path(r) for r in (1, limit, limit + 1, 512)] == ["gemv", "gemv", "tile", "tile"]
+    assert PackedExpertGroup(K, N, fmt="int8").path(1) == "int8"
+
+
+def test_path_without_numba_is_the_tile(monkeypatch):
+    monkeypatch.setattr(quant_kernels, "available", lambda: False)
+    assert PackedExpertGroup(K, N, fmt="fp8", block=(32, 32)).path(1) == "tile"
+
+
+@pytest.mark.parametrize("bf16_fast, dtype, tile", [
+    (True, torch.bfloat16, torch.bfloat16),  # AMX / AVX512-BF16: decode into bf16, oneDNN's bf16 GEMM
+    (False, torch.bfloat16, torch.float32),  # e.g. an AVX2-only CPU: bf16 matmul is slow there, decode to fp32
+    (True, torch.float32, torch.float32),
+    (True, torch.float16, torch.float32),
+])
+def test_tile_dtype_follows_the_cpu(bf16_fast, dtype, tile, monkeypatch):
+    monkeypatch.setattr(quantized, "_cpu_bf16_fast", lambda: bf16_fast)
+    assert PackedExpertGroup(K, N, dtype=dtype, fmt="mxfp4").tile_dtype == tile
+
+
+# ---- whole groups on each path, small and large token counts ---------------------------------------------
+D, I, E = 96, 64, 4
+
+
+def _experts(fmt: str, seed: int = 5):
+    gen = torch.Generator().manual_seed(seed)
+    packed, dense = {}, {}
+    for e in range(E):
+        ws = [torch.randn(I, D, generator=gen) * 0.1, torch.randn(I, D, generator=gen) * 0.1,
+              torch.randn(D, I, generator=gen) * 0.1]
+        if fmt == "mxfp4":
+            pw = [PackedWeight(*quantize_mxfp4(w)) for w in ws]
+            deq = [dequant_mxfp4(p.codes, p.scale) for p in pw]
+        elif fmt == "fp8":
+            pw = [PackedWeight(*quantize_fp8_blocks(w, (32, 40))) for w in ws]
+            deq = [dequant_fp8_blocks(p.codes, p.scale, (32, 40)) for p in pw]
+        else:
+            pw = [PackedWeight(*quantize_int8_rows(w)) for w in ws]
+            deq = [p.codes.float() * p.scale[:, None] for p in pw]
+        packed[e] = PackedExpert(*pw)
+        dense[e] = (torch.cat(deq[:2]), deq[2])
+    return packed, dense
+
+
+def _routing(tokens: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, D, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:2] for _ in range(tokens)]).reshape(-1)
+    return x, torch.arange(tokens).repeat_interleave(2), ids, torch.rand(2 * tokens, generator=gen)
+
+
+class _PathSpy:
+    """Counts which path each GEMM of a group took (wrapping the real `path`, not replacing it)."""
+
+    def __init__(self, group: PackedExpertGroup, monkeypatch) -> None:
+        self.taken: list[str] = []
+        real = group.path
+        monkeypatch.setattr(group, "path", lambda rows: self.taken.append(real(rows)) or self.taken[-1])
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "fp8"])
+@pytest.mark.parametrize("tokens, path", [(1, "gemv"), (2, "gemv"), (64, "tile")])  # rows per expert: 1, <=2, ~32
+def test_group_on_each_path_matches_dequantized_fp32(fmt, tokens, path, monkeypatch):
+    packed, dense = _experts(fmt)
+    pg = PackedExpertGroup(D, I, swiglu_limit=0.5, fmt=fmt, block=(32, 40))
+    ref = ExpertGroup(D, I, swiglu_limit=0.5)
+    pg.load(0, packed)
+    ref.load(0, dense)
+    spy = _PathSpy(pg, monkeypatch)
+    x, rows, ids, w = _routing(tokens, seed=tokens)
+    diff = (pg.forward(0, x, rows, ids, w) - ref.forward(0, x, rows, ids, w)).abs().max().item()
+    assert set(spy.taken) == {path}
+    assert diff <= 1e-5, diff
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "fp8"])
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_bf16_group_agrees_with_bf16_experts_on_the_dequantized_weights(fmt, tokens):
+    """bf16 serving: the packed group (bf16 tiles on this CPU if it computes bf16 natively, else fp32) against
+    ExpertGroup in bf16 holding the dequantized weights; both round activations to bf16, so they agree to bf16's
+    precision (measured max |diff| / max |out| below 1e-2)."""
+    packed, dense = _experts(fmt)
+    pg = PackedExpertGroup(D, I, dtype=torch.bfloat16, fmt=fmt, block=(32, 40))
+    ref = ExpertGroup(D, I, dtype=torch.bfloat16)
+    exact = ExpertGroup(D, I)
+    pg.load(0, packed)
+    ref.load(0, dense)
+    exact.load(0, dense)
+    x, rows, ids, w = _routing(tokens, seed=7)
+    want = exact.forward(0, x, rows, ids, w)
+    got, peer = pg.forward(0, x, rows, ids, w).float(), ref.forward(0, x, rows, ids, w).float()
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 2e-2 * scale
+    assert (got - peer).abs().max().item() <= 2e-2 * scale
