@@ -55,6 +55,19 @@ class ExpertGroupActor:
         self._calls += 1
         return to_wire(out)
 
+    def forward_tensor(self, layer: int, x: torch.Tensor, meta: np.ndarray, tensor_transport: str) -> list:
+        """`forward` over Ray Direct Transport (actors/rdt.py): x [M, D] arrives as a tensor pulled by NIXL (on
+        this actor's device type); the answer [M, D] stays here, put as an RDT object whose ref is returned
+        (`[ref]`: a plain return, so the caller's `.remote()` needs no per-call RDT check and its future works)."""
+        t0 = time.perf_counter()
+        pair_rows, expert_ids, weights = unpack_pairs(meta)
+        out = self.group.forward(layer, x, pair_rows, expert_ids, weights).contiguous()
+        ref = ray.put(out, _tensor_transport=tensor_transport)
+        self._busy_s += time.perf_counter() - t0
+        self._rows += int(pair_rows.shape[0])
+        self._calls += 1
+        return [ref]
+
     def load_slots(self, slots: dict[int, list[int]]) -> dict[int, list[int]]:
         """Load (layer -> expert ids) from the checkpoint; returns what is loaded now."""
         load_experts_into(self.group, self.cfg, self.ckpt, {int(k): v for k, v in slots.items()})
@@ -83,12 +96,15 @@ class ExpertGroupActor:
 
 def make_expert_actor(model_path: str, slots: dict[int, list[int]], actor_id: int, device: str, num_cpus: float,
                       allow_cpu_fallback: bool, torch_threads: int, max_restarts: int, name: str | None = None,
-                      namespace: str | None = None, dtype: str = "float32", expert_quant: str = "none"):
-    """Start one expert-group actor placed per `device` (restartable: Ray re-runs __init__ on restart)."""
+                      namespace: str | None = None, dtype: str = "float32", expert_quant: str = "none",
+                      tensor_transport: bool = False):
+    """Start one expert-group actor placed per `device` (restartable: Ray re-runs __init__ on restart).
+    `tensor_transport`: enable Ray Direct Transport on it (forward_tensor; actors/rdt.py)."""
     opts = actor_options(device, num_cpus)
     opts.update(max_restarts=max_restarts, max_task_retries=0)
     if name:
         opts.update(name=name, namespace=namespace, lifetime=None)
-    cls = ray.remote(concurrency_groups={"health": 1})(ExpertGroupActor).options(**opts)
+    cls = ray.remote(concurrency_groups={"health": 1}, enable_tensor_transport=tensor_transport or None)(
+        ExpertGroupActor).options(**opts)
     return cls.remote(model_path, slots, device, allow_cpu_fallback, torch_threads, actor_id, dtype,
                       expert_quant=expert_quant)

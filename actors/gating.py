@@ -78,13 +78,16 @@ class GatingActor:
             transport = LocalTransport(groups, self.table)
         else:
             from moeray.actors.devices import device_type
+            from moeray.actors.rdt import RdtTransport, tensor_transport_of
             from moeray.actors.transport import RayTransport
 
             # rows travel in the experts' compute dtype (resolved for their device, as the expert actors do)
-            transport = RayTransport(dict(expert_actors), self.table, self.config.expert_call_timeout_s,
-                                     wire_dtype=resolve_dtype(self.config.dtype, device_type(self.config.device)),
-                                     overlaps=self.config.device != "cpu",
-                                     dead_grace_s=30.0 if self.config.controller else 0.0)
+            kwargs = dict(call_timeout_s=self.config.expert_call_timeout_s,
+                          wire_dtype=resolve_dtype(self.config.dtype, device_type(self.config.device)),
+                          overlaps=self.config.device != "cpu", dead_grace_s=30.0 if self.config.controller else 0.0)
+            tensor_transport = tensor_transport_of(self.config)
+            transport = (RayTransport(dict(expert_actors), self.table, **kwargs) if tensor_transport == "object_store"
+                         else RdtTransport(dict(expert_actors), self.table, tensor_transport, **kwargs))
         self.transport = transport
         tok = load_tokenizer(self.config.model)
         self.kv_client = None
@@ -174,6 +177,7 @@ class GatingActor:
         st.update(index=self.index, active=self._num_active, last_error=self._last_error, step_s=self._step_s,
                   table_version=self.transport.table.version, node_id=ray.get_runtime_context().get_node_id(),
                   transport=self.config.transport, num_blocks=self.config.kv_cache_blocks,
+                  tensor_transport=getattr(self.transport, "tensor_transport", "object_store"),
                   transport_stats=dict(getattr(self.transport, "stats", {})),
                   device=self.config.gating_device, dtype=str(self.dtype).removeprefix("torch."))
         return st

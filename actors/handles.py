@@ -179,6 +179,11 @@ class ExpertHandle(_Handle):
         calls at once (`Reply.future()`) and classifies their errors with `classify`."""
         return self._call("forward", layer, x, meta)
 
+    def forward_tensor(self, layer: int, x_ref: Any, meta: Any, tensor_transport: str) -> Reply[Any]:
+        """The same call over Ray Direct Transport (actors/rdt.py): `x_ref` an RDT ref of the rows; the answer is
+        `[ref]`, an RDT ref the actor put of its output (pulled by `ray.get(ref)`)."""
+        return self._call("forward_tensor", layer, x_ref, meta, tensor_transport)
+
     def load_slots(self, slots: dict[int, list[int]]) -> Reply[dict[int, list[int]]]:
         return self._call("load_slots", slots)
 

@@ -14,6 +14,7 @@ import ray
 
 from moeray.actors.expert import make_expert_actor
 from moeray.actors.handles import ControllerHandle
+from moeray.actors.rdt import tensor_transport_of
 from moeray.common.config import ServeConfig
 from moeray.router.table import RoutingTable
 
@@ -53,7 +54,8 @@ def start_expert(cfg: ServeConfig, deployment: str, actor_id: int, slots: dict[i
     """One expert-group actor holding `slots` (layer -> expert ids), restartable by Ray."""
     return make_expert_actor(cfg.model, slots, actor_id, cfg.device, cfg.expert_num_cpus, cfg.allow_cpu_fallback,
                              cfg.threads_for("expert"), cfg.max_restarts, name=expert_actor_name(deployment, actor_id),
-                             namespace=cfg.namespace, dtype=cfg.dtype, expert_quant=cfg.expert_quant)
+                             namespace=cfg.namespace, dtype=cfg.dtype, expert_quant=cfg.expert_quant,
+                             tensor_transport=tensor_transport_of(cfg) != "object_store")
 
 
 def start_kv_shard(cfg: ServeConfig, deployment: str, shard_id: str) -> Any:
@@ -72,10 +74,11 @@ def start_kv_shard(cfg: ServeConfig, deployment: str, shard_id: str) -> Any:
 def start_gating(cfg: ServeConfig, deployment: str, table: RoutingTable, expert_actors: dict[int, Any] | None,
                  index: int, kv_shards: dict[str, Any] | None = None) -> Any:
     """A gating actor (async: max_concurrency bounds the polls in flight, pings have their own group)."""
+    from moeray.actors.devices import actor_options
     from moeray.actors.gating import GatingActor
 
-    cls = ray.remote(concurrency_groups={"health": 1})(GatingActor)
-    from moeray.actors.devices import actor_options
+    rdt = tensor_transport_of(cfg) != "object_store"  # it puts the rows it sends as RDT objects
+    cls = ray.remote(concurrency_groups={"health": 1}, enable_tensor_transport=rdt or None)(GatingActor)
 
     opts: dict[str, Any] = dict(**actor_options(cfg.gating_device, cfg.gating_num_cpus), max_restarts=cfg.max_restarts,
                                 max_concurrency=1000, name=gating_actor_name(deployment, index),

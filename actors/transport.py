@@ -71,11 +71,11 @@ class RayTransport:
 
     def __init__(self, actors: dict[int, Any], table: RoutingTable, call_timeout_s: float = 60.0,
                  wire_dtype: torch.dtype = torch.float32, policy: FailoverPolicy | None = None,
-                 overlaps: bool = False, dead_grace_s: float = 0.0) -> None:
+                 overlaps: bool = False, dead_grace_s: float = 0.0, backend: RayBackend | None = None) -> None:
         self.table = table
         self.overlaps = overlaps
         self.wire_dtype = wire_dtype
-        self.backend = RayBackend(dict(actors))
+        self.backend = backend or RayBackend(dict(actors))  # RDT: moeray.actors.rdt.RdtBackend
         policy = policy or FailoverPolicy(call_timeout_s=call_timeout_s, dead_grace_s=dead_grace_s)
         self.caller = FailoverCaller(self.backend, policy, pack_rows)
         self.load = ExpertLoad()

@@ -89,6 +89,11 @@ class ServeConfig(BaseModel):
     # core it may use, on Ray each actor its CPU share rounded up (actors share the cores).
     torch_threads: int | None = Field(None, ge=1)
     transport: Literal["ray", "local"] = "ray"
+    # how expert-call tensors travel with transport ray (actors/rdt.py): object_store (Ray's object store); nixl
+    # (Ray Direct Transport, one-sided NIXL: device to device, no collective group; needs moeray[rdt]); auto:
+    # nixl when the gating engine and the experts both compute on GPUs and NIXL is installed, else object_store.
+    # Forcing nixl on CPU actors is a test/diagnostic setting (same code path, CPU memory over UCX).
+    tensor_transport: Literal["auto", "object_store", "nixl"] = "auto"
     # micro-batches per step, run as a ping-pong (one's attention while another's experts run); 0: chosen per
     # step (2 for 8+ sequences when the experts are on accelerators, else 1)
     micro_batches: int = Field(0, ge=0, le=8)
@@ -116,6 +121,9 @@ class ServeConfig(BaseModel):
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= block_size "
                              f"({self.block_size})")
+        if self.tensor_transport == "nixl" and self.transport != "ray":
+            raise ValueError("tensor_transport: nixl needs transport: ray (it moves expert-call tensors between "
+                             "actors); set tensor_transport: auto or object_store")
         if self.gating_device != "cpu" and not self.allow_cpu_fallback:
             raise ValueError(f"gating_device: {self.gating_device} is not supported yet (the gating engine's paged KV "
                              "cache lives in CPU memory): set gating_device: cpu, or allow_cpu_fallback: true to "

@@ -1,0 +1,133 @@
+"""RdtTransport: the expert call over Ray Direct Transport (RDT), one-sided NIXL, behind ExpertTransport.
+
+Why NIXL and not a collective transport (Ray 2.60, doc/source/ray-core/direct-transport "Limitations"; code
+ray/experimental/collective/collective.py, ray/experimental/rdt/): gloo and nccl need a collective group;
+only the process that created it may submit tasks passing RDT objects; an actor is in one group per transport;
+`ray.put` is refused for them (two-sided: the value must be an actor task's return); async actors and actors
+with max_concurrency > 1 are not supported. The gating actor is async and produces the rows in its own step
+thread (not as an actor task's return), the expert actors answer pings in a `health` concurrency group, and
+several gating actors share the same expert actors: each of these rules out gloo/nccl for this architecture
+without moving the dense model into a separate sync actor. NIXL is one-sided: no group, `ray.put(x,
+_tensor_transport="nixl")` works from any worker, the receiver pulls; async actors and concurrency groups are
+fine. So a call here is:
+
+    gating step thread:  x_ref = ray.put(rows [M, D], _tensor_transport="nixl")
+                         out_ref = expert.forward_tensor.options(tensor_transport="nixl").remote(layer, x_ref, meta)
+    expert actor:        rows pulled by NIXL onto the expert's device type; answer [M, D] stays there
+    gating step thread:  ray.wait(out_refs) -> ray.get(out_ref) pulls the answer by NIXL
+
+`meta` (pair rows, expert ids, weights; engine/wire.py) stays small and inline. RDT refs have no working
+`.future()` or `await` in Ray 2.60 (the RDT-store lookup times out), so this backend's futures are completed by
+its own `wait_any` (ray.wait, then ray.get of what is ready). Failover, hedging and fail-fast are the same state
+machine as the object-store transport (engine/failover.py): only the backend differs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+from typing import Any
+
+import ray
+import torch
+
+from moeray.actors.handles import ExpertHandle
+from moeray.actors.transport import RayBackend, RayTransport
+from moeray.common.errors import ConfigError
+from moeray.engine.wire import pack_pairs
+from moeray.router.dispatch import ActorBatch
+
+NIXL = "nixl"
+
+
+def nixl_installed() -> bool:
+    """NIXL's Python package is importable here (moeray[rdt]); does not import it."""
+    return importlib.util.find_spec("nixl") is not None
+
+
+def resolve_tensor_transport(tensor_transport: str, transport: str, gating_device_type: str,
+                             expert_device: str) -> str:
+    """ServeConfig.tensor_transport -> "nixl" or "object_store". `gating_device_type`: the torch device type
+    the gating engine computes on ("cpu" today: see GatingActor); `expert_device`: the experts' placement.
+    auto: nixl only when both compute on GPUs (RDT supports CPUs and NVIDIA GPUs; NPUs have no RDT transport
+    in Ray 2.60) and NIXL is installed. A forced nixl without NIXL is a ConfigError naming the option."""
+    if transport != "ray" or tensor_transport == "object_store":
+        return "object_store"
+    if tensor_transport == NIXL:
+        if not nixl_installed():
+            raise ConfigError("tensor_transport: nixl needs NIXL (pip install 'moeray[rdt]') on every node; "
+                              "or set tensor_transport: object_store")
+        return NIXL
+    on_gpus = gating_device_type == "cuda" and expert_device == "gpu"
+    return NIXL if on_gpus and nixl_installed() else "object_store"
+
+
+def tensor_transport_of(cfg: Any, gating_device_type: str = "cpu") -> str:
+    """The resolved tensor transport of a ServeConfig (the same answer in spawn and in the gating actor).
+    `gating_device_type`: what the gating engine computes on; it is "cpu" for every deployment today
+    (ServeConfig refuses gating_device gpu/npu unless allow_cpu_fallback, which computes on the CPU)."""
+    return resolve_tensor_transport(cfg.tensor_transport, cfg.transport, gating_device_type, cfg.device)
+
+
+class RefFuture(concurrent.futures.Future):
+    """A Future for a Ray ref, completed by RdtBackend.wait_any (RDT refs cannot use `ref.future()`)."""
+
+    def __init__(self, ref: ray.ObjectRef) -> None:
+        super().__init__()
+        self.ref = ref
+
+
+def _failed(error: BaseException) -> concurrent.futures.Future:
+    f: concurrent.futures.Future = concurrent.futures.Future()
+    f.set_exception(error)
+    return f
+
+
+class RdtBackend(RayBackend):
+    """RayBackend whose rows and answers travel by RDT (`tensor_transport`, one-sided: nixl)."""
+
+    def __init__(self, actors: dict[int, Any], tensor_transport: str = NIXL) -> None:
+        super().__init__(actors)
+        self.tensor_transport = tensor_transport
+
+    def send(self, actor_id: int, layer: int, x_rows: torch.Tensor, batch: ActorBatch):
+        handle = self.actors.get(actor_id)
+        if handle is None:  # a table entry whose handle has not arrived yet
+            return _failed(KeyError(f"no handle for expert actor {actor_id}"))
+        meta = pack_pairs(batch.pair_rows, batch.slot_ids, batch.weights)
+        # its own contiguous storage: NIXL registers whole storages, and rows of one gather are views of one
+        x_ref = ray.put(x_rows.contiguous().clone(), _tensor_transport=self.tensor_transport)
+        return RefFuture(ExpertHandle(handle, actor_id).forward_tensor(layer, x_ref, meta, self.tensor_transport).ref)
+
+    def probe(self, actor_id: int):
+        return RefFuture(ExpertHandle(self.actors[actor_id], actor_id).ping().ref)
+
+    def decode(self, answer: Any) -> torch.Tensor:
+        return answer  # already pulled (wait_any): a tensor on this process's device type
+
+    def wait_any(self, futures, timeout_s: float) -> None:
+        """Block until one of `futures` is ready (or timeout_s), then complete every ready one: a send's answer
+        `[ref]` is pulled by NIXL here (`ray.get(ref)`), so a failed pull fails that send like a failed call."""
+        open_ = {f.ref: f for f in futures if isinstance(f, RefFuture) and not f.done()}
+        if not open_:
+            super().wait_any([f for f in futures if not isinstance(f, RefFuture)], timeout_s)
+            return
+        refs = list(open_)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, timeout_s), fetch_local=False)
+        if ready:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        for ref in ready:
+            f = open_[ref]
+            try:
+                answer = ray.get(ref)
+                f.set_result(ray.get(answer[0]) if isinstance(answer, list) else answer)  # a probe answers an int
+            except Exception as e:  # noqa: BLE001 - classified by the state machine (fault_of)
+                f.set_exception(e)
+
+
+class RdtTransport(RayTransport):
+    """RayTransport over RDT: same failover state machine, rows and answers moved by NIXL."""
+
+    def __init__(self, actors: dict[int, Any], table, tensor_transport: str = NIXL, **kwargs: Any) -> None:
+        super().__init__(actors, table, backend=RdtBackend(dict(actors), tensor_transport), **kwargs)
+        self.tensor_transport = tensor_transport
