@@ -84,6 +84,7 @@ class PackedExpertGroup:
         self.dtype, self.device, self.fmt, self.block = dtype, torch.device(device), fmt, block
         self._layers: dict[int, dict[int, PackedExpert]] = {}
         self._tile_dtype = _tile_dtype(self.dtype, self.device)
+        self._small_rows = SMALL_ROWS if self._tile_dtype == torch.float32 else SMALL_ROWS_REDUCED
         self._lut = _pair_lut(fmt, self._tile_dtype).to(self.device) if fmt != "int8" else None
         self._local = threading.local()  # per-thread decode buffers (local transports may call from threads)
 
@@ -158,11 +159,20 @@ class PackedExpertGroup:
 
     def _expert(self, xs: torch.Tensor, ex: PackedExpert) -> torch.Tensor:
         """xs [c, D] -> [c, D]: clamped SwiGLU with every GEMM computed from packed weights."""
-        gate, up = self._linear(xs, ex.w1), self._linear(xs, ex.w3)  # [c, I] each
+        c = xs.shape[0]
+        if self.path(c) == "tile" and c <= self._small_rows:
+            # few rows: MKL's / oneDNN's fast form is W @ x.t() (as in ExpertGroup); staying in that transposed
+            # layout through the expert leaves one transpose, at the end (made row-major for the index_add)
+            xt = xs.to(self._tile_dtype).t()  # [D, c]
+            act = self._act(self._w_at(ex.w1, xt), self._w_at(ex.w3, xt))  # [I, c]
+            return self._w_at(ex.w2, act).t().contiguous().to(self.dtype)
+        return self._linear(self._act(self._linear(xs, ex.w1), self._linear(xs, ex.w3)), ex.w2)
+
+    def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.swiglu_limit is not None:
             gate = gate.clamp(max=self.swiglu_limit)
             up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
-        return self._linear(F.silu(gate).mul_(up), ex.w2)
+        return F.silu(gate).mul_(up)
 
     def _linear(self, xs: torch.Tensor, w: PackedWeight) -> torch.Tensor:
         """xs [c, K] @ W.t() for a packed W [N, K] -> [c, N] in the compute dtype, by the path `path(c)` picks."""
@@ -171,21 +181,30 @@ class PackedExpertGroup:
             return torch._weight_int8pack_mm(xs.contiguous(), w.codes, w.scale.to(self.dtype))
         if path == "gemv":
             return quant_kernels.gemv_packed(xs, self.fmt, w.codes, w.scale, self.block).to(self.dtype)
-        n, k = w.codes.shape[0], xs.shape[1]
         xt = xs.to(self._tile_dtype)
-        small = xs.shape[0] <= (SMALL_ROWS if self._tile_dtype == torch.float32 else SMALL_ROWS_REDUCED)
+        out = torch.empty(xs.shape[0], w.codes.shape[0], dtype=self._tile_dtype, device=self.device)
+        for r0, r1, tile in self._tiles(w):
+            out[:, r0:r1] = torch.mm(xt, tile.t())
+        return out.to(self.dtype)
+
+    def _w_at(self, w: PackedWeight, xt: torch.Tensor) -> torch.Tensor:
+        """W @ xt for a packed W [N, K] and xt [K, c] in the tile dtype -> [N, c] in the tile dtype."""
+        out = torch.empty(w.codes.shape[0], xt.shape[1], dtype=self._tile_dtype, device=self.device)
+        for r0, r1, tile in self._tiles(w):
+            torch.mm(tile, xt, out=out[r0:r1])
+        return out
+
+    def _tiles(self, w: PackedWeight):
+        """(r0, r1, rows r0:r1 of W decoded into the reused tile buffer), tile after tile."""
+        n = w.codes.shape[0]
+        k = w.codes.shape[1] * (2 if self.fmt == "mxfp4" else 1)
         rows_per_tile = self._tile_rows(n, k)
         tile_buf, idx_buf = self._buffers(rows_per_tile * k)
-        parts = []
         for r0 in range(0, n, rows_per_tile):
             r1 = min(n, r0 + rows_per_tile)
             tile = tile_buf[:(r1 - r0) * k].view(r1 - r0, k)
             self._decode(w, r0, r1, tile, idx_buf)
-            # few rows: W @ x.t() is MKL's / oneDNN's fast form (as in ExpertGroup; made row-major again, which
-            # keeps the next ops fast); many rows: x @ W.t()
-            parts.append(torch.mm(tile, xt.t()).t().contiguous() if small else torch.mm(xt, tile.t()))
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return y.to(self.dtype)
+            yield r0, r1, tile
 
     def path(self, rows: int) -> str:
         """How a GEMM over `rows` rows of one expert runs: "int8" (torch's weight-only int8 kernel), "gemv"

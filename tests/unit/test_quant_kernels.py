@@ -183,3 +183,16 @@ def test_bf16_group_agrees_with_bf16_experts_on_the_dequantized_weights(fmt, tok
     scale = want.abs().max().item()
     assert (got - want).abs().max().item() <= 2e-2 * scale
     assert (got - peer).abs().max().item() <= 2e-2 * scale
+
+
+def test_mxfp4_bfloat16_decode_at_extreme_scales():
+    """Scale bytes whose products leave bf16's normal range (< 2 or > 252) take the table decode; every byte
+    either way equals torch's dequantize-then-cast (rows mixing both kinds, so both loops run)."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat(4, 2).view(torch.int8)  # [4, 512]: every byte pair
+    ref_scales = [[2, 127, 252, 100] * 8, [0, 1, 253, 254] * 8, [126] * 32, [3, 251] * 16]
+    scale = torch.tensor(ref_scales, dtype=torch.uint8).view(torch.float8_e8m0fnu)  # [4, 32]
+    ref = dequant_mxfp4(codes, scale)
+    for r0, r1 in ((0, 4), (0, 1), (2, 4)):  # with and without the out-of-range row
+        out = torch.empty(r1 - r0, 1024, dtype=torch.bfloat16)
+        quant_kernels.decode_rows("mxfp4", codes, scale, None, r0, r1, out)
+        assert torch.equal(out, ref[r0:r1].to(torch.bfloat16)), (r0, r1)
