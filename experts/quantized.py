@@ -212,7 +212,8 @@ class PackedExpertGroup:
         library GEMM: the decode is paid once for all rows)."""
         if self.fmt == "int8":
             return "int8"
-        if rows <= quant_kernels.FUSED_MAX_ROWS and self.device.type == "cpu" and quant_kernels.available():
+        limit = quant_kernels.FUSED_MAX_ROWS if self._tile_dtype == torch.bfloat16 else quant_kernels.FUSED_MAX_ROWS_F32
+        if rows <= limit and self.device.type == "cpu" and quant_kernels.available():
             return "gemv"
         return "tile"
 

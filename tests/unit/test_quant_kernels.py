@@ -34,7 +34,7 @@ FORMATS = [("mxfp4", "float"), ("fp8", "float"), ("fp8", "ue8m0")]
 
 
 @pytest.mark.parametrize("fmt, scale_fmt", FORMATS)
-@pytest.mark.parametrize("rows", [1, 3, quant_kernels.FUSED_MAX_ROWS, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 9, quant_kernels.FUSED_MAX_ROWS_F32])  # 4 rows per pass + rest
 @pytest.mark.parametrize("threads", [1, 2])  # the serial kernel, and the prange one
 def test_gemv_matches_dequantize_then_matmul(fmt, scale_fmt, rows, threads):
     codes, scale, block, ref = _weight(fmt, scale_fmt)
@@ -86,9 +86,14 @@ def test_decode_rows_refuses_other_tile_dtypes():
 
 
 # ---- path selection --------------------------------------------------------------------------------------
-def test_path_by_rows_per_expert():
-    g = PackedExpertGroup(K, N, fmt="mxfp4")
-    limit = quant_kernels.FUSED_MAX_ROWS
+@pytest.mark.parametrize("bf16_fast, dtype, limit", [
+    (True, torch.bfloat16, quant_kernels.FUSED_MAX_ROWS),  # against bf16 tiles (oneDNN)
+    (False, torch.bfloat16, quant_kernels.FUSED_MAX_ROWS_F32),  # bf16 slow here: against fp32 tiles (MKL)
+    (True, torch.float32, quant_kernels.FUSED_MAX_ROWS_F32),
+])
+def test_path_by_rows_per_expert(bf16_fast, dtype, limit, monkeypatch):
+    monkeypatch.setattr(quantized, "_cpu_bf16_fast", lambda: bf16_fast)
+    g = PackedExpertGroup(K, N, dtype=dtype, fmt="mxfp4")
     assert [g.path(r) for r in (1, limit, limit + 1, 512)] == ["gemv", "gemv", "tile", "tile"]
     assert PackedExpertGroup(K, N, fmt="int8").path(1) == "int8"
 
@@ -150,8 +155,10 @@ class _PathSpy:
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "fp8"])
-@pytest.mark.parametrize("tokens, path", [(1, "gemv"), (2, "gemv"), (64, "tile")])  # rows per expert: 1, <=2, ~32
-def test_group_on_each_path_matches_dequantized_fp32(fmt, tokens, path, monkeypatch):
+@pytest.mark.parametrize("tokens, path", [(1, "gemv"), (6, "gemv"), (64, "tile")])  # rows per expert: 1, ~3, ~32
+@pytest.mark.parametrize("tile_elems", [1 << 20, 40 * D])  # one tile per weight, and several (a partial last one)
+def test_group_on_each_path_matches_dequantized_fp32(fmt, tokens, path, tile_elems, monkeypatch):
+    monkeypatch.setattr(quantized, "TILE_ELEMS", tile_elems)
     packed, dense = _experts(fmt)
     pg = PackedExpertGroup(D, I, swiglu_limit=0.5, fmt=fmt, block=(32, 40))
     ref = ExpertGroup(D, I, swiglu_limit=0.5)
@@ -165,11 +172,13 @@ def test_group_on_each_path_matches_dequantized_fp32(fmt, tokens, path, monkeypa
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "fp8"])
-@pytest.mark.parametrize("tokens", [1, 64])
-def test_bf16_group_agrees_with_bf16_experts_on_the_dequantized_weights(fmt, tokens):
+@pytest.mark.parametrize("tokens", [1, 48, 128])  # rows per expert: gemv; bf16 tiles as W @ x.t(); as x @ W.t()
+@pytest.mark.parametrize("tile_elems", [1 << 20, 40 * D])
+def test_bf16_group_agrees_with_bf16_experts_on_the_dequantized_weights(fmt, tokens, tile_elems, monkeypatch):
     """bf16 serving: the packed group (bf16 tiles on this CPU if it computes bf16 natively, else fp32) against
     ExpertGroup in bf16 holding the dequantized weights; both round activations to bf16, so they agree to bf16's
-    precision (measured max |diff| / max |out| below 1e-2)."""
+    precision (2e-2 of the largest output, against the fp32 experts and against the bf16 ones)."""
+    monkeypatch.setattr(quantized, "TILE_ELEMS", tile_elems)
     packed, dense = _experts(fmt)
     pg = PackedExpertGroup(D, I, dtype=torch.bfloat16, fmt=fmt, block=(32, 40))
     ref = ExpertGroup(D, I, dtype=torch.bfloat16)
