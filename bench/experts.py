@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -206,6 +207,33 @@ def packed_groups(sizes: Sizes, num_experts: int, gen: torch.Generator, layer: i
     return groups
 
 
+def timed_rounds(probes: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+                 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """`interleaved_times`, also recording each call's CPU time on the calling thread (torch runs one thread
+    here and numba's serial kernels run on it too): on a shared machine, time the OS gave to others is in the
+    wall clock but not in the CPU time. -> (name -> wall times, name -> CPU times), seconds."""
+    wall: dict[str, list[float]] = {name: [] for name in probes}
+    cpu: dict[str, list[float]] = {name: [] for name in probes}
+    for r in range(warmup + repeats):
+        for name, fn in probes.items():
+            t0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            if r >= warmup:
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.thread_time() - c0)
+    return wall, cpu
+
+
+def _bf16_flags() -> list[str]:
+    """The CPU flags that decide the dtypes here (bf16 tiles and the `auto` serving dtype), as cpuinfo lists them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"})
+
+
 def run_packed(tokens: tuple[int, ...], sizes: Sizes, num_experts: int, threads: int, repeats: int,
                seed: int = 0) -> dict[str, Any]:
     """Tokens/s of every group of `packed_groups` at each routed-token count (top-2 of `num_experts`), all timed
@@ -226,21 +254,24 @@ def run_packed(tokens: tuple[int, ...], sizes: Sizes, num_experts: int, threads:
                     probes[f"{name} T={t}"] = (lambda g=g, x=x, r=pair_rows, e=expert_ids, w=weights:
                                                g.forward(0, x, r, e, w))
                 work[t] = int(expert_ids.unique().numel())
-            times = interleaved_times(probes, repeats, warmup=2)
+            times, cpu_times = timed_rounds(probes, repeats, warmup=2)
     finally:
         torch.set_num_threads(prev)
     rows = []
     for t in tokens:
         med = {name: statistics.median(times[f"{name} T={t}"]) for name in groups}
         best = {name: min(times[f"{name} T={t}"]) for name in groups}
+        cpu = {name: statistics.median(cpu_times[f"{name} T={t}"]) for name in groups}
         row = {"tokens": t, "experts_hit": work[t], "tokens_per_s": {n: t / s for n, s in med.items()},
-               "median_s": med, "best_s": best}
+               "median_s": med, "best_s": best, "cpu_median_s": cpu}
         for fmt in ("mxfp4", "fp8"):
             for label in ("fp32", "bf16"):
                 row[f"{fmt}/{label}_vs_{label}"] = med[label] / med[f"{fmt}/{label}"]
                 row[f"best {fmt}/{label}_vs_{label}"] = best[label] / best[f"{fmt}/{label}"]
+                row[f"cpu {fmt}/{label}_vs_{label}"] = cpu[label] / cpu[f"{fmt}/{label}"]
         rows.append(row)
-    return {"bench": "experts_packed", "machine": info, "threads": threads, "repeats": repeats,
+    return {"bench": "experts_packed", "machine": {**info, "cpu_flags": _bf16_flags()}, "threads": threads,
+            "repeats": repeats,
             "sizes": asdict(sizes), "num_experts": num_experts,
             "weight_bytes_per_expert": {n: g.nbytes() // num_experts for n, g in groups.items()},
             "goals": {f"tokens<={k}": v for k, v in PACKED_GOALS.items()}, "rows": rows}
@@ -262,6 +293,11 @@ def format_packed(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         lines.append(f"{r['tokens']:>6} " + "".join(f"{r[k]:>11.2f}x ({r['best ' + k]:.2f}x)" for k in keys))
     lines.append("ratios: median-based (best-of-rounds in parentheses: the least disturbed runs)")
+    lines.append(f"{'tokens':>6} " + "".join(f"{k:>21}" for k in ("CPU-time ratios: mxfp4/fp32", "mxfp4/bf16",
+                                                                     "fp8/fp32", "fp8/bf16")))
+    for r in result["rows"]:
+        lines.append(f"{r['tokens']:>6} " + "".join(f"{r['cpu ' + k]:>20.2f}x" for k in keys))
+    lines.append(f"cpu flags: {' '.join(result['machine']['cpu_flags']) or 'unknown'}")
     lines.append("goals (issue 14): packed >= 1.0x the unquantized experts at <= 16 tokens, >= 0.5x at 512")
     return "\n".join(lines)
 

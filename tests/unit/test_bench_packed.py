@@ -36,3 +36,6 @@ def test_packed_ratios_match_their_times(result):
         assert math.isclose(r["mxfp4/fp32_vs_fp32"], med["fp32"] / med["mxfp4/fp32"])
         assert math.isclose(r["best fp8/bf16_vs_bf16"], r["best_s"]["bf16"] / r["best_s"]["fp8/bf16"])
         assert math.isclose(r["tokens_per_s"]["fp32"], r["tokens"] / med["fp32"])
+        cpu = r["cpu_median_s"]
+        assert math.isclose(r["cpu mxfp4/bf16_vs_bf16"], cpu["bf16"] / cpu["mxfp4/bf16"])
+        assert all(s > 0 for s in cpu.values())
