@@ -110,6 +110,19 @@ def test_expert_dtype_top_level_and_inside_quant_config():
         parse_quantization({"quantization_config": base, "expert_dtype": "fp2"})
 
 
+
+def test_expert_dtype_as_transformers_saves_a_v4_config():
+    """transformers' DeepseekV4Config copies a top-level expert_dtype into quantization_config (V4.1's place),
+    keeping both: the same value twice is accepted."""
+    from transformers import DeepseekV4Config
+
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 32], "scale_fmt": "ue8m0",
+          "activation_scheme": "dynamic"}
+    saved = DeepseekV4Config(num_hidden_layers=2, expert_dtype="fp4", quantization_config=qc).to_dict()
+    assert saved["quantization_config"]["expert_dtype"] == "fp4"
+    assert parse_quantization(saved) == CheckpointQuant("fp8", (32, 32), "ue8m0", "mxfp4")
+
+
 # ---- packed experts vs the same experts dequantized -----------------------------------------------------
 D, I, E = 96, 64, 4
 
