@@ -174,11 +174,15 @@ def test_group_on_each_path_matches_dequantized_fp32(fmt, tokens, path, tile_ele
 @pytest.mark.parametrize("fmt", ["mxfp4", "fp8"])
 @pytest.mark.parametrize("tokens", [1, 48, 128])  # rows per expert: gemv; bf16 tiles as W @ x.t(); as x @ W.t()
 @pytest.mark.parametrize("tile_elems", [1 << 20, 40 * D])
-def test_bf16_group_agrees_with_bf16_experts_on_the_dequantized_weights(fmt, tokens, tile_elems, monkeypatch):
+@pytest.mark.parametrize("numba_kernels", [True, False])  # without numba: torch's table-gather decode
+def test_bf16_group_agrees_with_bf16_experts_on_the_dequantized_weights(fmt, tokens, tile_elems, numba_kernels,
+                                                                         monkeypatch):
     """bf16 serving: the packed group (bf16 tiles on this CPU if it computes bf16 natively, else fp32) against
     ExpertGroup in bf16 holding the dequantized weights; both round activations to bf16, so they agree to bf16's
     precision (2e-2 of the largest output, against the fp32 experts and against the bf16 ones)."""
     monkeypatch.setattr(quantized, "TILE_ELEMS", tile_elems)
+    if not numba_kernels:
+        monkeypatch.setattr(quant_kernels, "available", lambda: False)
     packed, dense = _experts(fmt)
     pg = PackedExpertGroup(D, I, dtype=torch.bfloat16, fmt=fmt, block=(32, 40))
     ref = ExpertGroup(D, I, dtype=torch.bfloat16)
