@@ -12,19 +12,22 @@ _tensor_transport="nixl")` works from any worker, the receiver pulls; async acto
 fine. So a call here is:
 
     gating step thread:  x_ref = ray.put(rows [M, D], _tensor_transport="nixl")
-                         out_ref = expert.forward_tensor.options(tensor_transport="nixl").remote(layer, x_ref, meta)
-    expert actor:        rows pulled by NIXL onto the expert's device type; answer [M, D] stays there
-    gating step thread:  ray.wait(out_refs) -> ray.get(out_ref) pulls the answer by NIXL
+                         call = expert.forward_tensor.remote(layer, x_ref, meta, "nixl")
+    expert actor:        rows pulled by NIXL onto its device type; answer [M, D] put as an RDT object -> [out_ref]
+    gating step thread:  ray.wait(calls) -> [out_ref] = ray.get(call) -> ray.get(out_ref) pulls the answer by NIXL
 
 `meta` (pair rows, expert ids, weights; engine/wire.py) stays small and inline. RDT refs have no working
-`.future()` or `await` in Ray 2.60 (the RDT-store lookup times out), so this backend's futures are completed by
-its own `wait_any` (ray.wait, then ray.get of what is ready). Failover, hedging and fail-fast are the same state
-machine as the object-store transport (engine/failover.py): only the backend differs.
+`.future()` or `await` in Ray 2.60 (the RDT-store lookup times out); the backend's futures are completed by
+RayBackend.wait_any (ray.wait, then ray.get of what is ready), as on the object store. The call's return is a
+plain `[ref]` (the expert `ray.put`s its answer as an RDT object) rather than a `tensor_transport` method:
+`.options(tensor_transport=...).remote()` does a blocking round trip to the actor on every call in Ray 2.60
+(NixlTensorTransport.actor_has_tensor_transport) and raises there when the actor is dead. Failover, hedging and
+fail-fast are the same state machine as the object-store transport (engine/failover.py): only the backend
+differs.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib.util
 from typing import Any
 
@@ -32,7 +35,7 @@ import ray
 import torch
 
 from moeray.actors.handles import ExpertHandle
-from moeray.actors.transport import RayBackend, RayTransport
+from moeray.actors.transport import RayBackend, RayTransport, RefFuture, failed_future
 from moeray.common.errors import ConfigError
 from moeray.engine.wire import pack_pairs
 from moeray.router.dispatch import ActorBatch
@@ -69,20 +72,6 @@ def tensor_transport_of(cfg: Any, gating_device_type: str = "cpu") -> str:
     return resolve_tensor_transport(cfg.tensor_transport, cfg.transport, gating_device_type, cfg.device)
 
 
-class RefFuture(concurrent.futures.Future):
-    """A Future for a Ray ref, completed by RdtBackend.wait_any (RDT refs cannot use `ref.future()`)."""
-
-    def __init__(self, ref: ray.ObjectRef) -> None:
-        super().__init__()
-        self.ref = ref
-
-
-def _failed(error: BaseException) -> concurrent.futures.Future:
-    f: concurrent.futures.Future = concurrent.futures.Future()
-    f.set_exception(error)
-    return f
-
-
 class RdtBackend(RayBackend):
     """RayBackend whose rows and answers travel by RDT (`tensor_transport`, one-sided: nixl)."""
 
@@ -93,7 +82,7 @@ class RdtBackend(RayBackend):
     def send(self, actor_id: int, layer: int, x_rows: torch.Tensor, batch: ActorBatch):
         handle = self.actors.get(actor_id)
         if handle is None:  # a table entry whose handle has not arrived yet
-            return _failed(KeyError(f"no handle for expert actor {actor_id}"))
+            return failed_future(KeyError(f"no handle for expert actor {actor_id}"))
         meta = pack_pairs(batch.pair_rows, batch.slot_ids, batch.weights)
         # its own contiguous storage: NIXL registers whole storages, and rows of one gather are views of one
         x_ref = ray.put(x_rows.contiguous().clone(), _tensor_transport=self.tensor_transport)
@@ -103,26 +92,12 @@ class RdtBackend(RayBackend):
         return RefFuture(ExpertHandle(self.actors[actor_id], actor_id).ping().ref)
 
     def decode(self, answer: Any) -> torch.Tensor:
-        return answer  # already pulled (wait_any): a tensor on this process's device type
+        return answer  # already pulled (answer): a tensor on this process's device type
 
-    def wait_any(self, futures, timeout_s: float) -> None:
-        """Block until one of `futures` is ready (or timeout_s), then complete every ready one: a send's answer
-        `[ref]` is pulled by NIXL here (`ray.get(ref)`), so a failed pull fails that send like a failed call."""
-        open_ = {f.ref: f for f in futures if isinstance(f, RefFuture) and not f.done()}
-        if not open_:
-            super().wait_any([f for f in futures if not isinstance(f, RefFuture)], timeout_s)
-            return
-        refs = list(open_)
-        ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, timeout_s), fetch_local=False)
-        if ready:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-        for ref in ready:
-            f = open_[ref]
-            try:
-                answer = ray.get(ref)
-                f.set_result(ray.get(answer[0]) if isinstance(answer, list) else answer)  # a probe answers an int
-            except Exception as e:  # noqa: BLE001 - classified by the state machine (fault_of)
-                f.set_exception(e)
+    def answer(self, value: Any) -> Any:
+        """A send's value `[ref]` -> the tensor, pulled by NIXL here (in wait_any: a failed pull fails that send
+        like a failed call); a probe's value (an int) as it is."""
+        return ray.get(value[0]) if isinstance(value, list) else value
 
 
 class RdtTransport(RayTransport):

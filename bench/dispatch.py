@@ -10,6 +10,7 @@ Layer probe (from this process, interleaved rounds, medians): for T tokens route
   ray      RayTransport submit + wait against the deployment's 4 expert actors
   local    LocalTransport on the same slots in this process (the in-process step)
   fanout   an empty call (`ping`) to exactly the actors the plan targets, all at once, waited for together
+  rdt      (--tensor-transport nixl) RdtTransport on the same actors: rows and answers over Ray Direct Transport
   pieces   plan (plan_dispatch), pack (one gather into the wire dtype), encode (numpy views + routing array),
            submit (all of dispatch incl. Ray task submission), combine (one scatter of the answers)
 Goal: (ray - local) / fanout <= 1.3 at T = 1, 16, 64.
@@ -42,7 +43,8 @@ def _cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2")))
 
 
-def build_systems(path: Path, dtype: str, micro_batches: int) -> tuple[Any, Any]:
+def build_systems(path: Path, dtype: str, micro_batches: int,
+                  tensor_transport: str = "object_store") -> tuple[Any, Any]:
     from moeray.actors.deploy import build_table, deploy
     from moeray.actors.gating import engine_config
     from moeray.common.config import ServeConfig
@@ -52,7 +54,8 @@ def build_systems(path: Path, dtype: str, micro_batches: int) -> tuple[Any, Any]
     from moeray.models.dtypes import resolve_dtype
 
     cfg = ServeConfig(model=str(path), num_expert_groups=4, controller=False, torch_threads=1, dtype=dtype,
-                      micro_batches=micro_batches, namespace="moeray-bench-dispatch", kv_cache_blocks=1024)
+                      micro_batches=micro_batches, namespace="moeray-bench-dispatch", kv_cache_blocks=1024,
+                      tensor_transport=tensor_transport)
     dep = deploy(cfg)
     model_cfg, ckpt, dense = load_dense_checkpoint(path)
     dt = resolve_dtype(dtype, "cpu", reduced_ok=getattr(dense, "reduced_precision", False))
@@ -72,11 +75,17 @@ def layer_probe(dep, local, token_counts, repeats: int, dtype: torch.dtype) -> l
     from moeray.actors.transport import RayTransport
 
     ray_tr = RayTransport(dict(dep.expert_actors), dep.table, wire_dtype=dtype)
+    rdt_tr = None
+    if dep.config.tensor_transport == "nixl":  # the experts have RDT enabled: time the NIXL path next to it
+        from moeray.actors.rdt import RdtTransport
+
+        rdt_tr = RdtTransport(dict(dep.expert_actors), dep.table, wire_dtype=dtype)
     g = torch.Generator().manual_seed(0)
-    return [_probe_tokens(dep, ray_tr, local.transport, t, repeats, dtype, g) for t in token_counts]
+    return [_probe_tokens(dep, ray_tr, local.transport, t, repeats, dtype, g, rdt_tr) for t in token_counts]
 
 
-def _probe_tokens(dep, ray_tr, local_tr, t: int, repeats: int, dtype: torch.dtype, g) -> dict[str, Any]:
+def _probe_tokens(dep, ray_tr, local_tr, t: int, repeats: int, dtype: torch.dtype, g,
+                  rdt_tr=None) -> dict[str, Any]:
     """One row of the layer probe: T = t tokens through the first MoE layer."""
     import ray
 
@@ -103,6 +112,8 @@ def _probe_tokens(dep, ray_tr, local_tr, t: int, repeats: int, dtype: torch.dtyp
                            for p, b in zip(packed, batches, strict=True)],
         "combine": lambda: scatter_rows(t, cfg.hidden_size, batches, outs, dtype),
     }
+    if rdt_tr is not None:
+        probes["rdt"] = lambda: rdt_tr.wait(rdt_tr.submit(layer, x, ids, w))
     busy0 = ray.get([a.stats.remote() for a in dep.expert_actors.values()])
     sub0 = ray_tr.stats["dispatch_s"]
     with torch.inference_mode():
@@ -112,7 +123,8 @@ def _probe_tokens(dep, ray_tr, local_tr, t: int, repeats: int, dtype: torch.dtyp
     busy = sum(b["busy_s"] - a["busy_s"] for a, b in zip(busy0, busy1, strict=True))
     med = {k: statistics.median(v) for k, v in times.items()}
     over = med["ray"] - med["local"]
-    return {"tokens": t, "target_actors": len(batches), **{f"{k}_s": v for k, v in med.items()},
+    extra = {"rdt_over_ray": med["rdt"] / med["ray"]} if "rdt" in med else {}
+    return {**extra, "tokens": t, "target_actors": len(batches), **{f"{k}_s": v for k, v in med.items()},
             "submit_s": (ray_tr.stats["dispatch_s"] - sub0) / (repeats + 3),
             "actor_compute_s_per_call": busy / max(calls, 1), "overhead_s": over,
             "overhead_over_fanout": over / med["fanout"], "ray_over_local": med["ray"] / med["local"]}
@@ -166,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--compare-mb1", action="store_true", help="also a micro_batches=1 deployment, same rounds")
+    p.add_argument("--tensor-transport", default="object_store", choices=["object_store", "nixl"],
+                   help="the Ray system's ServeConfig.tensor_transport; nixl also times RDT next to the object "
+                        "store in the layer probe (nixl on CPU actors: a diagnostic, not the device path's speed)")
     p.add_argument("--out", type=Path, default=Path("bench/results/dispatch.json"))
     args = p.parse_args(argv)
     import ray
@@ -178,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
                             Path(tempfile.mkdtemp()) / "ckpt")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              namespace="moeray-bench-dispatch")
-    dep, local = build_systems(path, args.dtype, args.micro_batches)
+    dep, local = build_systems(path, args.dtype, args.micro_batches, args.tensor_transport)
     try:
         dt = resolve_dtype(args.dtype, "cpu")
         res: dict[str, Any] = {"bench": "dispatch", "host": host_info(), "cpu_flags": _cpu_flags(),
-                               "dtype": str(dt).removeprefix("torch."), "micro_batches": args.micro_batches}
+                               "dtype": str(dt).removeprefix("torch."), "micro_batches": args.micro_batches,
+                               "tensor_transport": args.tensor_transport}
         print("[1/2] one MoE layer, piece by piece ...", flush=True)
         res["layer"] = layer_probe(dep, local, BATCHES, 15 if args.quick else 60, dt)
         for r in res["layer"]:
@@ -190,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['local_s'] * 1e3:6.2f}  fanout {r['fanout_s'] * 1e3:6.2f}  (ray-local)/fanout "
                   f"{r['overhead_over_fanout']:.2f}  | plan {r['plan_s'] * 1e3:.3f} pack {r['pack_s'] * 1e3:.3f} "
                   f"encode {r['encode_s'] * 1e3:.3f} submit {r['submit_s'] * 1e3:.3f} combine "
-                  f"{r['combine_s'] * 1e3:.3f} actor {r['actor_compute_s_per_call'] * 1e3:.3f} ms", flush=True)
+                  f"{r['combine_s'] * 1e3:.3f} actor {r['actor_compute_s_per_call'] * 1e3:.3f} ms"
+                  + (f" | rdt {r['rdt_s'] * 1e3:.2f} ms = {r['rdt_over_ray']:.2f}x ray" if "rdt_s" in r else ""),
+                  flush=True)
         if not args.skip_e2e:
             print("[2/2] end to end ...", flush=True)
             vocab = dep.model_cfg.vocab_size
