@@ -4,13 +4,14 @@
 each expert as published: w1 (gate) [I, D], w3 (up) [I, D], w2 (down) [D, I] codes plus their scales, so an
 expert actor's bytes are the checkpoint's bytes. The compute, per expert hit:
 
-- `fp8`, `mxfp4`, one or two rows (decode): a numba kernel that decodes each stored byte through a table in L1
-  and multiplies it in place — the packed weights are read once, nothing is materialized
-  (experts/quant_kernels.py).
-- `fp8`, `mxfp4`, more rows: dequantize the weight tile by tile (TILE_ELEMS elements, ~4 MB in fp32, so a tile
-  stays in cache between its decode and its GEMM; numba's one-pass decode, or without numba one table gather per
-  two stored bytes, then the scales) into a reused buffer in the compute dtype, and run MKL's GEMM on each
-  tile — a per-block dequantize inside the GEMM.
+- `fp8`, `mxfp4`, few rows per expert (decode, small batches: `path(c)` == "gemv"): numba's fused GEMV decodes
+  each row of W once into an L1 buffer and dots it with every row of x -- the packed weights are read once,
+  nothing is materialized (experts/quant_kernels.py).
+- `fp8`, `mxfp4`, more rows ("tile"): the weight is decoded tile by tile (TILE_ELEMS elements) straight into a
+  reused buffer in `tile_dtype` (bf16 where the group computes in bf16 and the CPU does bf16 GEMMs natively,
+  else fp32; numba's decoders, or without numba one table gather per two stored bytes, then the scales) and the
+  library GEMM runs on each tile (oneDNN / MKL) -- the decode is paid once for all the rows. Up to a few dozen
+  rows the expert stays in the W @ x.t() layout those libraries run fastest, transposed once at the end.
 - `int8`: torch's weight-only int8 kernel (`torch._weight_int8pack_mm`, per-row scales): no decode at all.
 
 Every decode is exact (a code value times its scale), so in float32 the result equals the dequantized model's
@@ -220,8 +221,8 @@ class PackedExpertGroup:
     @property
     def tile_dtype(self) -> torch.dtype:
         """The dtype tiles are decoded into: bfloat16 where the group computes in it and this CPU runs bf16
-        GEMMs natively (models/dtypes.py, decided at run time), else float32 (an AVX2-only CPU runs bf16
-        matmuls ~400x slower than fp32); off CPU the compute dtype."""
+        GEMMs natively (AVX512-BF16 / AMX, read from torch's cpuinfo at run time), else float32 (an AVX2-only
+        CPU runs bf16 matmuls ~400x slower than fp32); off CPU the compute dtype."""
         return self._tile_dtype
 
     def _tile_rows(self, n: int, k: int) -> int:
