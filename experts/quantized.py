@@ -150,12 +150,14 @@ class PackedExpertGroup:
         uniq, counts = torch.unique_consecutive(ids[order], return_counts=True)
         rows_sorted = pair_rows.to(self.device)[order]
         w_sorted = weights.to(self.device, self.dtype)[order]
-        start = 0
+        xs_sorted = xs.index_select(0, rows_sorted)  # [P, D], pairs grouped by expert
+        ys, start = [], 0
         for e, c in zip(uniq.tolist(), counts.tolist()):
-            rows = rows_sorted[start:start + c]
-            y = self._expert(xs.index_select(0, rows), held[e])  # [c, D]
-            out.index_add_(0, rows, y.mul_(w_sorted[start:start + c, None]))
+            ys.append(self._expert(xs_sorted[start:start + c], held[e]))  # [c, D]
             start += c
+        y = ys[0].contiguous() if len(ys) == 1 else torch.cat(ys)  # [P, D]
+        # one weighted scatter for all the pairs (index_add_ per expert measured 130 us each in bf16)
+        out.index_add_(0, rows_sorted, y.mul_(w_sorted[:, None]))
         return out.to(x.device, out_dtype or x.dtype)
 
     def _expert(self, xs: torch.Tensor, ex: PackedExpert) -> torch.Tensor:
@@ -163,10 +165,10 @@ class PackedExpertGroup:
         c = xs.shape[0]
         if self.path(c) == "tile" and c <= self._small_rows:
             # few rows: MKL's / oneDNN's fast form is W @ x.t() (as in ExpertGroup); staying in that transposed
-            # layout through the expert leaves one transpose, at the end (made row-major for the index_add)
+            # layout through the expert leaves one transpose, at the end
             xt = xs.to(self._tile_dtype).t()  # [D, c]
             act = self._act(self._w_at(ex.w1, xt), self._w_at(ex.w3, xt))  # [I, c]
-            return self._w_at(ex.w2, act).t().contiguous().to(self.dtype)
+            return self._w_at(ex.w2, act).t().to(self.dtype)  # (made row-major by forward's torch.cat)
         return self._linear(self._act(self._linear(xs, ex.w1), self._linear(xs, ex.w3)), ex.w2)
 
     def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
