@@ -27,7 +27,8 @@ from moeray.models.dtypes import resolve_dtype
 class ExpertGroupActor:
     def __init__(self, model_path: str, slots: dict[int, list[int]], device: str = "cpu",
                  allow_cpu_fallback: bool = False, torch_threads: int | None = 1, actor_id: int = 0,
-                 dtype: str = "float32", expert_quant: str = "none") -> None:
+                 dtype: str = "float32", expert_quant: str = "none", deployment: str = "",
+                 namespace: str | None = None) -> None:
         torch.set_num_threads(torch_threads or 1)
         self.actor_id = actor_id
         self.device_kind = device
@@ -37,7 +38,8 @@ class ExpertGroupActor:
         self.cfg = ModelConfig.from_pretrained(model_path)
         self.ckpt = Checkpoint(model_path, expert_quant)  # packed experts stay packed
         self.group = new_expert_group(self.cfg, self.ckpt, dtype=self.dtype, device=self.device)
-        self.load_slots(slots)
+        # a restarted actor loads what the controller's current table gives it, not its constructor's slots
+        self.load_slots(_current_slots(deployment, namespace, actor_id, slots))
         self._busy_s = 0.0
         self._rows = 0
         self._calls = 0
@@ -94,12 +96,31 @@ class ExpertGroupActor:
                 "node_id": ray.get_runtime_context().get_node_id(), "weight_bytes": self.group.nbytes()}
 
 
+def _current_slots(deployment: str, namespace: str | None, actor_id: int, slots: dict[int, list[int]],
+                   timeout_s: float = 5.0) -> dict[int, list[int]]:
+    """This actor's slots in the controller's active table when a controller runs and routes to it (a restart
+    after a rebalance, scale or drain), else `slots` (first start: no controller yet, or none at all)."""
+    if not deployment:
+        return slots
+    from moeray.actors.handles import ControllerHandle
+    from moeray.actors.spawn import controller_name
+    from moeray.router.table import RoutingTable
+
+    try:
+        ctl = ControllerHandle(ray.get_actor(controller_name(deployment), namespace=namespace), deployment)
+        table = RoutingTable.from_dict(ctl.get_table().result(timeout_s))
+    except Exception:  # noqa: BLE001 - no controller (yet) or unreachable: the constructor's slots
+        return slots
+    return table.actor_slots(actor_id) if actor_id in table.actor_ids else slots
+
+
 def make_expert_actor(model_path: str, slots: dict[int, list[int]], actor_id: int, device: str, num_cpus: float,
                       allow_cpu_fallback: bool, torch_threads: int, max_restarts: int, name: str | None = None,
                       namespace: str | None = None, dtype: str = "float32", expert_quant: str = "none",
-                      tensor_transport: bool = False):
+                      tensor_transport: bool = False, deployment: str = ""):
     """Start one expert-group actor placed per `device` (restartable: Ray re-runs __init__ on restart).
-    `tensor_transport`: enable Ray Direct Transport on it (forward_tensor; actors/rdt.py)."""
+    `tensor_transport`: enable Ray Direct Transport on it (forward_tensor; actors/rdt.py). `deployment`: whose
+    controller a restarted actor asks for its current slots."""
     opts = actor_options(device, num_cpus)
     opts.update(max_restarts=max_restarts, max_task_retries=0)
     if name:
@@ -107,4 +128,4 @@ def make_expert_actor(model_path: str, slots: dict[int, list[int]], actor_id: in
     cls = ray.remote(concurrency_groups={"health": 1}, enable_tensor_transport=tensor_transport or None)(
         ExpertGroupActor).options(**opts)
     return cls.remote(model_path, slots, device, allow_cpu_fallback, torch_threads, actor_id, dtype,
-                      expert_quant=expert_quant)
+                      expert_quant=expert_quant, deployment=deployment, namespace=namespace)

@@ -55,7 +55,7 @@ def start_expert(cfg: ServeConfig, deployment: str, actor_id: int, slots: dict[i
     return make_expert_actor(cfg.model, slots, actor_id, cfg.device, cfg.expert_num_cpus, cfg.allow_cpu_fallback,
                              cfg.threads_for("expert"), cfg.max_restarts, name=expert_actor_name(deployment, actor_id),
                              namespace=cfg.namespace, dtype=cfg.dtype, expert_quant=cfg.expert_quant,
-                             tensor_transport=tensor_transport_of(cfg) != "object_store")
+                             tensor_transport=tensor_transport_of(cfg) != "object_store", deployment=deployment)
 
 
 def start_kv_shard(cfg: ServeConfig, deployment: str, shard_id: str) -> Any:
