@@ -24,6 +24,7 @@ SMALL_ROWS = 3  # up to this many rows per expert, compute W @ x.t() (see the mo
 SMALL_ROWS_REDUCED = 32  # the same in bf16/fp16: oneDNN's W @ x.t() is 1.5-2x x @ W.t() up to ~32 rows
 BATCHED_MAX_ROWS = 16  # the all-slots bmm path: at most this many rows per slot hit on average ...
 BATCHED_MIN_HIT = 0.75  # ... and at least this fraction of the layer's slots hit (the others' weights are read)
+TINY_PAIRS = 4  # up to this many (row, expert) pairs (B = 1 decode): a plain loop over the pairs, nothing sorted
 
 
 def mkldnn_packing_available() -> bool:
@@ -130,6 +131,8 @@ class ExpertGroup:
         out = torch.zeros(xs.shape[0], self.hidden, dtype=self.dtype, device=self.device)
         if pair_rows.numel() == 0:
             return out
+        if pair_rows.numel() <= TINY_PAIRS:
+            return self._tiny(layer, xs, pair_rows, expert_ids, weights, out)
         slots = self._slot_index(layer, expert_ids)  # [P]
         order = torch.argsort(slots, stable=True)
         counts_t = torch.bincount(slots, minlength=gu.shape[0])  # [S]
@@ -147,6 +150,23 @@ class ExpertGroup:
             y = self._expert_packed(xr, *self._packed_slot(layer, s)) if self._pack else self._expert(xr, gu[s], dn[s])
             out.index_add_(0, rows, y.mul_(w_sorted[start:start + c, None]))
             start += c
+        return out
+
+    def _tiny(self, layer: int, xs: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
+              weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A few pairs (B = 1 decode): each pair's expert on its row, accumulated in place. No sort, bincount or
+        gather: at this size each of those is a dispatch costing as much as the arithmetic. Same dot products as
+        the loop over slots; the weight multiplies inside the accumulation (last-bit differences)."""
+        held, gu, dn = self._layers[layer]
+        ids = expert_ids.tolist()
+        missing = sorted({e for e in ids if e not in held})
+        if missing:
+            raise KeyError(f"layer {layer}: experts {missing} are not loaded here (loaded: {sorted(held)})")
+        for r, e, w in zip(pair_rows.tolist(), ids, weights.tolist(), strict=True):
+            s = held[e]
+            xr = xs[r:r + 1]
+            y = self._expert_packed(xr, *self._packed_slot(layer, s)) if self._pack else self._expert(xr, gu[s], dn[s])
+            out[r:r + 1].add_(y, alpha=w)
         return out
 
     def _batched(self, xs: torch.Tensor, rows_sorted: torch.Tensor, slots_sorted: torch.Tensor,

@@ -75,9 +75,18 @@ class GQAttention(nn.Module):
         self.k_norm = RMSNorm(dh, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = Rotary(cfg.rope, dh, cfg.max_position_embeddings)
         self.scale = dh**-0.5
+        self.qkv_proj: nn.Linear | None = None  # fuse_projections(): q, k and v in one GEMM (serving)
 
     def cache_spec(self) -> LayerCacheSpec:
         return gqa_spec(self.hkv, self.dh, window=self.window)
+
+    def fuse_projections(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one linear over their stacked weights (the engine does this once
+        at start-up): one GEMM per layer instead of three, the same dot products per output. Idempotent."""
+        if self.qkv_proj is not None:
+            return
+        self.qkv_proj = _stack_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, start_pos: int, cache: LayerCache) -> torch.Tensor:  # [n, D] -> [n, D]
         q, k, v = self._qkv(x, torch.arange(start_pos, start_pos + x.shape[0]))
@@ -88,9 +97,13 @@ class GQAttention(nn.Module):
         """x [n, D], positions [n] -> roped q [n, H, Dh], k [n, Hkv, Dh], v [n, Hkv, Dh]. `rope` memoises
         cos/sin by rotary table across the layers of one step."""
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.h, self.dh)
-        k = self.k_proj(x).view(n, self.hkv, self.dh)
-        v = self.v_proj(x).view(n, self.hkv, self.dh)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.h * self.dh, self.hkv * self.dh, self.hkv * self.dh], dim=-1)
+            q, k, v = q.view(n, self.h, self.dh), k.view(n, self.hkv, self.dh), v.view(n, self.hkv, self.dh)
+        else:
+            q = self.q_proj(x).view(n, self.h, self.dh)
+            k = self.k_proj(x).view(n, self.hkv, self.dh)
+            v = self.v_proj(x).view(n, self.hkv, self.dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         key = (self.rotary.key, q.dtype)
@@ -162,17 +175,42 @@ class MLAttention(nn.Module):
             m = _yarn_mscale(cfg.rope.factor, cfg.rope.mscale_all_dim)
             scale = scale * m * m
         self.scale = scale
+        self.x_proj: nn.Linear | None = None  # fuse_projections(): the query's first projection and kv_a in one GEMM
 
     def cache_spec(self) -> LayerCacheSpec:
         return mla_spec(self.r, self.rope_dim)
 
+    def fuse_projections(self) -> None:
+        """Replace the two projections of x (q_a_proj or q_proj, and kv_a_proj_with_mqa) by one linear over their
+        stacked weights (the engine does this once at start-up; same dot products per output). Idempotent."""
+        if self.x_proj is not None:
+            return
+        first = self.q_a_proj if self.q_lora else self.q_proj
+        self._x_split = [first.out_features, self.kv_a_proj_with_mqa.out_features]
+        self.x_proj = _stack_linears([first, self.kv_a_proj_with_mqa])
+        if self.q_lora:
+            del self.q_a_proj
+        else:
+            del self.q_proj
+        del self.kv_a_proj_with_mqa
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [n, D] -> q [n, H, nope + R], normalised latent [n, r], unroped shared key [n, R]."""
+        n = x.shape[0]
+        if self.x_proj is not None:
+            q, kv_a = self.x_proj(x).split(self._x_split, dim=-1)
+        else:
+            q = self.q_a_proj(x) if self.q_lora else self.q_proj(x)
+            kv_a = self.kv_a_proj_with_mqa(x)
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        latent, k_rot = kv_a.split([self.r, self.rope_dim], dim=-1)
+        return q.view(n, self.h, self.nope + self.rope_dim), self.kv_a_layernorm(latent), k_rot
+
     def forward(self, x: torch.Tensor, start_pos: int, cache: LayerCache) -> torch.Tensor:  # [n, D] -> [n, D]
         n = x.shape[0]
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
-        q = q.view(n, self.h, self.nope + self.rope_dim)
+        q, latent, k_rot = self._project(x)  # [n, H, nope + R], [n, r], [n, R]
         q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
-        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.r, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # [n, r]
         cos, sin = self.rotary.cos_sin(torch.arange(start_pos, start_pos + n))
         q_rot = self.rotary.apply(q_rot, cos, sin)
         k_rot = self.rotary.apply(k_rot, cos, sin)  # [n, R]
@@ -204,10 +242,8 @@ class MLAttention(nn.Module):
         scores = (q_nope W_uk) . latent + q_rot . k_rope over the cached latents themselves, out = (P latent) W_uv,
         so the context is never expanded to per-head keys and values. x [S, D] -> [S, D]."""
         n = x.shape[0]
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
-        q_nope, q_rot = q.view(n, self.h, self.nope + self.rope_dim).split([self.nope, self.rope_dim], dim=-1)
-        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.r, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # [S, r]
+        q, latent, k_rot = self._project(x)  # [S, H, nope + R], [S, r], [S, R]
+        q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
         key = (self.rotary.key, q.dtype)
         if key not in meta.rope:
             cos, sin = self.rotary.cos_sin(meta.positions)
@@ -229,6 +265,17 @@ class MLAttention(nn.Module):
             meta.cache.batched_decode_calls += 1
         out = torch.bmm(ctx[:, :, 0].transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [S, H, v]
         return self.o_proj(out.reshape(n, self.h * self.vdim))
+
+
+def _stack_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose output is the concatenation of `linears`' outputs (same input), in their dtype."""
+    w = torch.cat([lin.weight.detach() for lin in linears])
+    biases = [lin.bias for lin in linears]
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=biases[0] is not None, device=w.device, dtype=w.dtype)
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if biases[0] is not None:
+        fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
+    return fused
 
 
 def build_attention(cfg: ModelConfig, layer_id: int) -> nn.Module:

@@ -35,13 +35,25 @@ from moeray.models.layers import MLP, RMSNorm, pack_linears
 from moeray.router.gate import Gate
 
 
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse the projections that read the same input (GQA's q/k/v, MLA's q_a/kv_a) into one linear each, in every
+    attention module that supports it (mutates the model) -> how many modules were fused. Serving only: the
+    ReferenceModel keeps the checkpoint's modules."""
+    mods = [m for m in model.modules() if hasattr(m, "fuse_projections") and m is not model]
+    for m in mods:
+        m.fuse_projections()
+    return len(mods)
+
+
 def cast_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Hold a dense part's parameters in `dtype` (mutates it; buffers such as rotary frequencies and gate biases
-    stay fp32). float32 leaves it untouched. Raises ValueError for a family that only runs in float32."""
+    """Prepare a dense part for serving (mutates it): fused projections (fuse_projections) in every dtype, and
+    parameters held in `dtype` (buffers such as rotary frequencies and gate biases stay fp32). Raises ValueError
+    for a family that only runs in float32."""
+    if dtype != torch.float32 and not getattr(model, "reduced_precision", False):
+        raise ValueError(f"{type(model).__name__} runs in float32 only: set dtype: float32")
+    fuse_projections(model)
     if dtype == torch.float32:
         return model
-    if not getattr(model, "reduced_precision", False):
-        raise ValueError(f"{type(model).__name__} runs in float32 only: set dtype: float32")
     for p in model.parameters():
         p.data = p.data.to(dtype)
     if dtype == torch.bfloat16:

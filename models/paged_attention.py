@@ -147,9 +147,12 @@ class PagedBatch:
         for g in self.groups:
             k, v = self.gather(layer_id, "k", g), self.gather(layer_id, "v", g)  # [S, L, Hkv, Dh]
             qg = q[g.q_rows]  # [S, n, H, Dh]
+            if g.q_rows.shape == (1, 1) and not window:  # one decode query sees exactly its first `context` rows
+                k, v, mask = k[:, :g.context], v[:, :g.context], None
+            else:
+                mask = self.mask(g, pid, window)
             o = F.scaled_dot_product_attention(qg.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=self.mask(g, pid, window), scale=scale,
-                                               enable_gqa=True)  # [S, H, n, Dh]
+                                               attn_mask=mask, scale=scale, enable_gqa=True)  # [S, H, n, Dh]
             o = o.transpose(1, 2).reshape(-1, q.shape[1] * q.shape[2])  # [S * n, H * Dh]
             if g.q_rows.shape[1] == 1 and hasattr(c, "batched_decode_calls"):
                 c.batched_decode_calls += 1
