@@ -41,3 +41,21 @@ def test_batched_decode_matches_per_sequence_reference(family):
         step_logits = [lg[ids.index(f"r{i}")] for ids, lg in logits_seen if f"r{i}" in ids]
         for j, row in enumerate(step_logits):
             assert (row - full[len(p) - 1 + j]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_fused_projections_match_the_checkpoint_modules(family):
+    """fuse_projections (what the engine serves with: GQA q/k/v, MLA q_a/kv_a in one GEMM) against the
+    checkpoint's separate projections, on the same weights: fp32 logits within 1e-5."""
+    import copy
+
+    from moeray.models.dense import fuse_projections
+
+    ref = ReferenceModel.from_pretrained(build(family))
+    fused = copy.deepcopy(ref.dense)
+    assert fuse_projections(fused) == ref.cfg.num_hidden_layers
+    ids = torch.randint(0, 128, (17,), generator=torch.Generator().manual_seed(2))
+    want = ref.dense.forward_tokens(ids, [SeqChunk(17, 0, ContiguousCache(ref.dense.cache_spec()))], ref.routed)
+    got = fused.forward_tokens(ids, [SeqChunk(17, 0, ContiguousCache(fused.cache_spec()))], ref.routed)
+    assert (got - want).abs().max().item() <= 1e-5
+    assert not any(n.endswith(("q_proj.weight", "kv_a_proj_with_mqa.weight")) for n, _ in fused.named_parameters())

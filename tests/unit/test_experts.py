@@ -110,3 +110,27 @@ def test_batched_path_is_chosen_by_shape():
     assert use_batched([3, 2, 4, 1])  # decode: every slot hit, few rows each
     assert not use_batched([1, 0, 0, 1])  # B = 1: two experts of four
     assert not use_batched([200, 180, 190, 210])  # prefill: big per-expert GEMMs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_pair_loop_matches_the_sorted_loop(dtype, monkeypatch):
+    """<= TINY_PAIRS pairs (B = 1 decode) take a loop over the pairs; the same result as the sorted per-slot loop
+    and, in fp32, the per-token reference -- also with two pairs on one row and an expert hit twice."""
+    import moeray.experts.group as group
+
+    w = weights(5)
+    grp = ExpertGroup(D, I, dtype=dtype)
+    grp.load(2, w)
+    x = torch.randn(3, D, generator=torch.Generator().manual_seed(6))
+    rows, ids, ws = torch.tensor([0, 0, 2, 1]), torch.tensor([4, 1, 4, 3]), torch.tensor([0.6, 0.4, 1.0, 0.25])
+    assert rows.numel() <= group.TINY_PAIRS
+    tiny = grp.forward(2, x, rows, ids, ws)
+    monkeypatch.setattr(group, "TINY_PAIRS", 0)
+    looped = grp.forward(2, x, rows, ids, ws)
+    tol = 1e-6 if dtype == torch.float32 else 3e-2
+    assert (tiny - looped).abs().max() <= tol * looped.abs().max()
+    if dtype == torch.float32:
+        assert torch.allclose(tiny.double(), per_token_reference(w, x, rows, ids, ws), atol=1e-5)
+    monkeypatch.setattr(group, "TINY_PAIRS", 4)
+    with pytest.raises(KeyError, match=r"experts \[9\] are not loaded"):
+        grp.forward(2, x, torch.tensor([0]), torch.tensor([9]), torch.tensor([1.0]))
