@@ -71,20 +71,6 @@ def _mxfp4_row_py(codes, scales, r, e8m0, pairs, dst, o):  # row r -> f32 dst[o]
             dst[o, g * 32 + 2 * j + 1] = pairs[b, 1] * s
 
 
-def _fp8_row_py(codes, scales, r, block, e4m3, dst, o):  # row r -> f32 dst[o]; scales [ceil(N/bo), ceil(K/bi)]
-    k = codes.shape[1]
-    bi = block[1]
-    srow = scales[r // block[0]]
-    for kb in range(srow.shape[0]):
-        s = srow[kb]
-        j0 = kb * bi
-        j1 = min(k, j0 + bi)
-        c = codes[r, j0:j1]
-        d = dst[o, j0:j1]
-        for j in range(j1 - j0):
-            d[j] = e4m3[c[j]] * s
-
-
 def _fp8_band_lut_f32_py(scales, band, e4m3, lut):  # lut [ceil(K/bi), 256] f32: each e4m3 value x block scale
     for kb in range(scales.shape[1]):
         sc = scales[band, kb]
@@ -102,29 +88,50 @@ def _fp8_band_lut_bf16_py(scales, band, e4m3, lut):  # lut [ceil(K/bi), 256] u16
 
 
 # ---- kernels, built per (format, parallel) -----------------------------------------------------------------
-def _gemv_kernel(row):
-    def gemv(x, codes, scales, a, b, out):  # x [T, K] f32 -> out [T, N] f32
-        t_rows, k = x.shape
-        num_rows = codes.shape[0]
-        for ch in prange((num_rows + CHUNK_ROWS - 1) // CHUNK_ROWS):
-            buf = np.empty((1, k), np.float32)
-            for n in range(ch * CHUNK_ROWS, min(num_rows, ch * CHUNK_ROWS + CHUNK_ROWS)):
-                row(codes, scales, n, a, b, buf, 0)
-                for t in range(0, t_rows - 3, 4):  # four rows of x per pass over the decoded row (fewer loads)
-                    a0 = a1 = a2 = a3 = np.float32(0.0)
-                    for j in range(k):
-                        v = buf[0, j]
-                        a0 += v * x[t, j]
-                        a1 += v * x[t + 1, j]
-                        a2 += v * x[t + 2, j]
-                        a3 += v * x[t + 3, j]
-                    out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = a0, a1, a2, a3
-                for t in range(t_rows - t_rows % 4, t_rows):
-                    acc = np.float32(0.0)
-                    for j in range(k):
-                        acc += buf[0, j] * x[t, j]
-                    out[t, n] = acc
-    return gemv
+def _dots_py(x, buf, n, out):  # out[:, n] = x [T, K] @ buf[0] (f32), four rows of x per pass over buf
+    t_rows, k = x.shape
+    for t in range(0, t_rows - 3, 4):
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for j in range(k):
+            v = buf[0, j]
+            a0 += v * x[t, j]
+            a1 += v * x[t + 1, j]
+            a2 += v * x[t + 2, j]
+            a3 += v * x[t + 3, j]
+        out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = a0, a1, a2, a3
+    for t in range(t_rows - t_rows % 4, t_rows):
+        acc = np.float32(0.0)
+        for j in range(k):
+            acc += buf[0, j] * x[t, j]
+        out[t, n] = acc
+
+
+def _mxfp4_gemv_kernel(x, codes, scales, e8m0, pairs, out):  # x [T, K] f32 -> out [T, N] f32
+    num_rows = codes.shape[0]
+    for ch in prange((num_rows + CHUNK_ROWS - 1) // CHUNK_ROWS):
+        buf = np.empty((1, x.shape[1]), np.float32)
+        for n in range(ch * CHUNK_ROWS, min(num_rows, ch * CHUNK_ROWS + CHUNK_ROWS)):
+            _mxfp4_row(codes, scales, n, e8m0, pairs, buf, 0)
+            _dots(x, buf, n, out)
+
+
+def _fp8_gemv_kernel(x, codes, scales, block, e4m3, out):  # x [T, K] f32 -> out [T, N] f32, by bands of bo rows
+    bo, bi = block[0], block[1]
+    num_rows, k = codes.shape
+    for band in prange(scales.shape[0]):
+        lut = np.empty((scales.shape[1], 256), np.float32)  # the band's blocks' scaled values (as in the tiles)
+        _fp8_lut_f32(scales, band, e4m3, lut)
+        buf = np.empty((1, k), np.float32)
+        for n in range(band * bo, min(num_rows, band * bo + bo)):
+            for kb in range(scales.shape[1]):
+                j0 = kb * bi
+                j1 = min(k, j0 + bi)
+                c = codes[n, j0:j1]
+                d = buf[0, j0:j1]
+                t = lut[kb]
+                for j in range(j1 - j0):
+                    d[j] = t[c[j]]
+            _dots(x, buf, n, out)
 
 
 def _mxfp4_f32_kernel(r0, r1, codes, scales, e8m0, pairs, out):  # rows r0:r1 of W -> out [r1 - r0, K] f32
@@ -185,16 +192,16 @@ if numba is not None:
     _to_bf16 = _inline(_to_bf16_py)
     _e2m1_bf16 = _inline(_e2m1_bf16_py)
     _mxfp4_row = _inline(_mxfp4_row_py)
-    _fp8_row = _inline(_fp8_row_py)
+    _dots = _inline(_dots_py)
     _fp8_lut_f32 = _inline(_fp8_band_lut_f32_py)
     _fp8_lut_bf16 = _inline(_fp8_band_lut_bf16_py)
     for _par in (False, True):
         _KERNELS[("mxfp4", _par)] = {
-            "gemv": _jit_kernel(_gemv_kernel(_mxfp4_row), "gemv_mxfp4", _par),
+            "gemv": _jit_kernel(_mxfp4_gemv_kernel, "gemv_mxfp4", _par),
             "f32": _jit_kernel(_mxfp4_f32_kernel, "decode_f32_mxfp4", _par),
             "bf16": _jit_kernel(_mxfp4_bf16_kernel, "decode_bf16_mxfp4", _par)}
         _KERNELS[("fp8", _par)] = {
-            "gemv": _jit_kernel(_gemv_kernel(_fp8_row), "gemv_fp8", _par),
+            "gemv": _jit_kernel(_fp8_gemv_kernel, "gemv_fp8", _par),
             "f32": _jit_kernel(_fp8_tile_kernel(_fp8_lut_f32, np.float32), "decode_f32_fp8", _par),
             "bf16": _jit_kernel(_fp8_tile_kernel(_fp8_lut_bf16, np.uint16), "decode_bf16_fp8", _par)}
 
