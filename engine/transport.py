@@ -71,6 +71,7 @@ class LocalTransport:
         # one group behind every actor id (what a transport-local deployment builds, local_expert_groups): no
         # dispatch plan, one call per layer; it must hold every expert the table routes to
         self._only = next(iter(groups.values())) if len({id(g) for g in groups.values()}) == 1 else None
+        self._rows: dict[tuple[int, int], torch.Tensor] = {}  # (N, K) -> pair rows [N * K] (built once per shape)
 
     def set_table(self, table: RoutingTable) -> None:
         self.table = table
@@ -79,7 +80,9 @@ class LocalTransport:
         self.load.add(layer, ids, self.table.num_experts)
         if self._only is not None:
             n, k = ids.shape
-            rows = torch.arange(n, device=x.device).repeat_interleave(k)  # [N * K]
+            rows = self._rows.get((n, k))
+            if rows is None or rows.device != x.device:
+                rows = self._rows[(n, k)] = torch.arange(n, device=x.device).repeat_interleave(k)  # [N * K]
             return self._only.forward(layer, x, rows, ids.reshape(-1), weights.reshape(-1))
         batches = plan_dispatch(ids, weights, self.table.layer_slots(layer), layer=layer)
         outs = [self.groups[b.actor_id].forward(layer, gather_inputs(x, b), b.pair_rows, b.slot_ids, b.weights)
