@@ -87,7 +87,10 @@ class ExpertGroup:
         return {layer: sorted(m) for layer, (m, _, _) in self._layers.items() if m}
 
     def nbytes(self) -> int:
-        return sum(gu.nbytes + dn.nbytes for _, gu, dn in self._layers.values())
+        """Bytes of expert weights held: the slots, plus the oneDNN-packed copies made so far (bf16 on CPU: a slot
+        the per-expert loop has used is held twice, plain for the bmm path and packed for the loop)."""
+        packed = sum(a.nbytes + b.nbytes for slots in self._packed.values() for a, b in slots.values())
+        return packed + sum(gu.nbytes + dn.nbytes for _, gu, dn in self._layers.values())
 
     def _weights_of(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         m, gu, dn = self._layers[layer]

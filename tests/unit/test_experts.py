@@ -134,3 +134,15 @@ def test_tiny_pair_loop_matches_the_sorted_loop(dtype, monkeypatch):
     monkeypatch.setattr(group, "TINY_PAIRS", 4)
     with pytest.raises(KeyError, match=r"experts \[9\] are not loaded"):
         grp.forward(2, x, torch.tensor([0]), torch.tensor([9]), torch.tensor([1.0]))
+
+
+def test_nbytes_counts_the_packed_copies():
+    """bf16 on CPU: a slot the per-expert loop used is also held oneDNN-packed; weight_bytes says so."""
+    from moeray.experts.group import mkldnn_packing_available
+
+    grp = ExpertGroup(D, I, dtype=torch.bfloat16)
+    grp.load(0, weights())
+    plain = grp.nbytes()
+    assert plain == E * 3 * D * I * 2
+    grp.forward(0, torch.randn(1, D), torch.tensor([0]), torch.tensor([2]), torch.tensor([1.0]))
+    assert grp.nbytes() > plain if mkldnn_packing_available() else grp.nbytes() == plain
