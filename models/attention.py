@@ -87,6 +87,11 @@ class GQAttention(nn.Module):
             return
         self.qkv_proj = _stack_linears([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
+        if self.q_norm is not None:  # q and k normalised in one call: per-head weights stacked [H + Hkv, Dh]
+            assert self.q_norm.eps == self.k_norm.eps
+            self.qk_norm_weight = nn.Parameter(torch.cat([self.q_norm.weight.detach().expand(self.h, self.dh),
+                                                          self.k_norm.weight.detach().expand(self.hkv, self.dh)]),
+                                               requires_grad=False)
 
     def forward(self, x: torch.Tensor, start_pos: int, cache: LayerCache) -> torch.Tensor:  # [n, D] -> [n, D]
         q, k, v = self._qkv(x, torch.arange(start_pos, start_pos + x.shape[0]))
@@ -98,12 +103,10 @@ class GQAttention(nn.Module):
         cos/sin by rotary table across the layers of one step."""
         n = x.shape[0]
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([self.h * self.dh, self.hkv * self.dh, self.hkv * self.dh], dim=-1)
-            q, k, v = q.view(n, self.h, self.dh), k.view(n, self.hkv, self.dh), v.view(n, self.hkv, self.dh)
-        else:
-            q = self.q_proj(x).view(n, self.h, self.dh)
-            k = self.k_proj(x).view(n, self.hkv, self.dh)
-            v = self.v_proj(x).view(n, self.hkv, self.dh)
+            return self._qkv_fused(x, positions, rope)
+        q = self.q_proj(x).view(n, self.h, self.dh)
+        k = self.k_proj(x).view(n, self.hkv, self.dh)
+        v = self.v_proj(x).view(n, self.hkv, self.dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         key = (self.rotary.key, q.dtype)
@@ -115,6 +118,29 @@ class GQAttention(nn.Module):
                 rope[key] = cs
         cos, sin = cs
         return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
+
+    def _qkv_fused(self, x: torch.Tensor, positions: torch.Tensor, rope: dict | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_qkv` after fuse_projections: one GEMM, q and k normalised together ([N, H + Hkv, Dh] with stacked
+        per-head weights) and rotated together. RoPE as x * cos + swap_halves(x) * sin', where sin' carries the
+        rotation's sign (-sin on the first half): the same products as rotate_half without the negation op."""
+        n, h, hkv, dh = x.shape[0], self.h, self.hkv, self.dh
+        qkv = self.qkv_proj(x).view(n, h + 2 * hkv, dh)
+        qk, v = qkv[:, :h + hkv], qkv[:, h + hkv:]
+        if self.q_norm is not None:
+            qk = F.rms_norm(qk, (dh,), None, self.q_norm.eps) * self.qk_norm_weight
+        key = ("signed", self.rotary.key, qk.dtype)
+        cs = None if rope is None else rope.get(key)
+        half = dh // 2
+        if cs is None:
+            cos, sin = self.rotary.cos_sin(positions)  # [N, Dh] fp32
+            sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+            cs = cos.to(qk.dtype)[:, None], sin.to(qk.dtype)[:, None]  # [N, 1, Dh]
+            if rope is not None:
+                rope[key] = cs
+        cos, sin = cs
+        qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
+        return qk[:, :h], qk[:, h:], v
 
     def forward_batch(self, x: torch.Tensor, seqs: Sequence[Any], layer_id: int) -> torch.Tensor:
         """The whole flattened batch at once: x [N, D] -> [N, D]. Over the engine's paged cache: projections,
