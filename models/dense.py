@@ -47,15 +47,19 @@ def fuse_projections(model: nn.Module) -> int:
 
 def cast_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Prepare a dense part for serving (mutates it): fused projections (fuse_projections) in every dtype, and
-    parameters held in `dtype` (buffers such as rotary frequencies and gate biases stay fp32). Raises ValueError
+    parameters held in `dtype` except the routers' (buffers such as rotary frequencies stay fp32). Raises ValueError
     for a family that only runs in float32."""
     if dtype != torch.float32 and not getattr(model, "reduced_precision", False):
         raise ValueError(f"{type(model).__name__} runs in float32 only: set dtype: float32")
     fuse_projections(model)
     if dtype == torch.float32:
         return model
+    # the router stays fp32 (a few KB per layer): the gate logits decide which experts run, and a bf16-rounded
+    # gate weight flips near-tied choices against the fp32 reference
+    routers = {id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters()}
     for p in model.parameters():
-        p.data = p.data.to(dtype)
+        if id(p) not in routers:
+            p.data = p.data.to(dtype)
     if dtype == torch.bfloat16:
         pack_linears(model)  # oneDNN's pre-packed bf16 GEMMs (models/layers.py)
     return model
