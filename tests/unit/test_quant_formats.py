@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from support.quant_experts import packed_and_dense_experts
 
 from moeray.common.errors import ConfigError
 from moeray.experts import quant_kernels, quantized
@@ -14,7 +15,6 @@ from moeray.experts.quant_formats import (
     dequant_mxfp4,
     e8m0_to_float,
     quantize_fp8_blocks,
-    quantize_int8_rows,
     quantize_mxfp4,
     unpack_e2m1,
 )
@@ -128,23 +128,7 @@ D, I, E = 96, 64, 4
 
 
 def _packed_experts(fmt: str, block=(32, 32)):
-    g = torch.Generator().manual_seed(3)
-    packed, dense = {}, {}
-    for e in range(E):
-        ws = [torch.randn(I, D, generator=g) * 0.1, torch.randn(I, D, generator=g) * 0.1,
-              torch.randn(D, I, generator=g) * 0.1]
-        if fmt == "fp8":
-            pw = [PackedWeight(*quantize_fp8_blocks(w, block)) for w in ws]
-            deq = [dequant_fp8_blocks(p.codes, p.scale, block) for p in pw]
-        elif fmt == "mxfp4":
-            pw = [PackedWeight(*quantize_mxfp4(w)) for w in ws]
-            deq = [dequant_mxfp4(p.codes, p.scale) for p in pw]
-        else:
-            pw = [PackedWeight(*quantize_int8_rows(w)) for w in ws]
-            deq = [p.codes.float() * p.scale[:, None] for p in pw]
-        packed[e] = PackedExpert(*pw)
-        dense[e] = (torch.cat(deq[:2]), deq[2])
-    return packed, dense
+    return packed_and_dense_experts(fmt, D, I, E, 3, block=block)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "mxfp4", "int8"])

@@ -3,6 +3,7 @@ choice of path (fused GEMV for few rows, decoded tile + library GEMM for more) i
 
 import pytest
 import torch
+from support.quant_experts import packed_and_dense_experts
 
 from moeray.experts import quant_kernels, quantized
 from moeray.experts.group import ExpertGroup
@@ -10,10 +11,9 @@ from moeray.experts.quant_formats import (
     dequant_fp8_blocks,
     dequant_mxfp4,
     quantize_fp8_blocks,
-    quantize_int8_rows,
     quantize_mxfp4,
 )
-from moeray.experts.quantized import PackedExpert, PackedExpertGroup, PackedWeight
+from moeray.experts.quantized import PackedExpertGroup
 
 pytestmark = pytest.mark.skipif(not quant_kernels.available(), reason="numba is not installed")
 
@@ -119,23 +119,7 @@ D, I, E = 96, 64, 4
 
 
 def _experts(fmt: str, seed: int = 5):
-    gen = torch.Generator().manual_seed(seed)
-    packed, dense = {}, {}
-    for e in range(E):
-        ws = [torch.randn(I, D, generator=gen) * 0.1, torch.randn(I, D, generator=gen) * 0.1,
-              torch.randn(D, I, generator=gen) * 0.1]
-        if fmt == "mxfp4":
-            pw = [PackedWeight(*quantize_mxfp4(w)) for w in ws]
-            deq = [dequant_mxfp4(p.codes, p.scale) for p in pw]
-        elif fmt == "fp8":
-            pw = [PackedWeight(*quantize_fp8_blocks(w, (32, 40))) for w in ws]
-            deq = [dequant_fp8_blocks(p.codes, p.scale, (32, 40)) for p in pw]
-        else:
-            pw = [PackedWeight(*quantize_int8_rows(w)) for w in ws]
-            deq = [p.codes.float() * p.scale[:, None] for p in pw]
-        packed[e] = PackedExpert(*pw)
-        dense[e] = (torch.cat(deq[:2]), deq[2])
-    return packed, dense
+    return packed_and_dense_experts(fmt, D, I, E, seed, block=(32, 40))
 
 
 def _routing(tokens: int, seed: int):
