@@ -27,7 +27,7 @@ from moeray.actors.metrics import ControllerMetrics
 from moeray.actors.spawn import CONTROLLER_NAME, expert_actor_name, start_expert, table_key
 from moeray.common.config import ServeConfig
 from moeray.router.fleet import FleetState
-from moeray.router.placement import imbalance, rebalance
+from moeray.router.placement import default_redundant, imbalance, rebalance
 from moeray.router.policy import AutoscaleState, decide_replicas
 from moeray.router.table import NoReplicaError, RoutingTable
 
@@ -166,7 +166,8 @@ class Controller:
             return {"changed": False, "reason": "no expert load measured yet"}
         actor_ids = sorted(a for a in f.desired.actor_ids if f.health.is_healthy(a))
         before = imbalance(load, f.desired)
-        redundant = num_redundant if num_redundant is not None else len(actor_ids)
+        redundant = num_redundant if num_redundant is not None else default_redundant(load.shape[1],
+                                                                                      len(actor_ids))
         placement = rebalance(load, len(actor_ids), redundant, layer_ids=list(f.desired.layer_ids),
                               actor_ids=actor_ids)
         new = placement.to_table(f.desired.version + 1)

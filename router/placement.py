@@ -83,6 +83,16 @@ def rebalance(
     return Placement(phy2log, log2phy, logcnt, layer_ids, actor_ids)
 
 
+def default_redundant(num_experts: int, num_groups: int) -> int:
+    """The redundant slots a rebalance uses when none are asked for: about one per actor, rounded up so every
+    actor holds as many slots (8 experts on 5 actors -> 7, 15 slots, 3 each), and never so many that an actor
+    would hold two copies of one expert."""
+    if num_experts < 1 or num_groups < 1:
+        raise ValueError(f"need num_experts >= 1 and num_groups >= 1, got {num_experts} and {num_groups}")
+    r = num_groups + (-(num_experts + num_groups)) % num_groups
+    return min(r, num_experts * (num_groups - 1))
+
+
 def replicate_experts(load: torch.Tensor, num_phy: int, max_replicas: int) -> torch.Tensor:
     """load [L, E] -> logcnt [L, E]: one replica each, then each of the num_phy - E extra slots to the expert
     with the highest load per replica among those with fewer than `max_replicas`. Ties go to the lower id."""

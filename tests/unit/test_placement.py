@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeray.router.placement import actor_loads, imbalance, pack_replicas, rebalance, replicate_experts
+from moeray.router.placement import actor_loads, default_redundant, imbalance, pack_replicas, rebalance, replicate_experts
 from moeray.router.table import RoutingTable
 
 NUM_LAYERS, NUM_EXPERTS, NUM_GROUPS = 4, 16, 4
@@ -72,6 +72,16 @@ def test_actor_loads_split_replicated_slots_evenly():
     per_actor, actors = actor_loads(torch.tensor([[4.0, 2.0]]), table)
     assert actors == (0, 1) and per_actor.tolist() == [[2.0, 4.0]]
     assert imbalance(torch.tensor([[4.0, 2.0]]), table) == pytest.approx(4.0 / 3.0)
+
+
+@pytest.mark.parametrize(("num_experts", "num_groups", "expected"), [(8, 4, 4), (8, 5, 7), (16, 3, 5), (1, 3, 2),
+                                                                       (4, 1, 0)])
+def test_default_redundant_fits_any_actor_count(num_experts, num_groups, expected):
+    # the ops command's default after a scale to an actor count that does not divide the experts (8 on 5 actors
+    # used to fail with "must be a multiple of num_groups=5")
+    assert default_redundant(num_experts, num_groups) == expected
+    load = torch.arange(1.0, num_experts + 1).repeat(2, 1)
+    rebalance(load, num_groups, expected).to_table(version=0)
 
 
 def test_invalid_slot_counts_suggest_a_fix():
