@@ -60,7 +60,8 @@ class DeploymentBackend:
         actors = []
         for g in st.get("gating", []):
             actors.append({"name": f"gating-{g['index']}", "kind": "gating", "node": g.get("node_id", "")[:12],
-                           "device": "cpu", "health": "healthy" if not g.get("last_error") else "degraded",
+                           "device": g.get("device", "cpu"), "dtype": g.get("dtype", ""),
+                           "health": "healthy" if not g.get("last_error") else "degraded",
                            "load": float(g.get("active", 0)), "running": g.get("running", 0),
                            "free_blocks": g.get("free_blocks", 0)})
         for e in st.get("experts", []):
@@ -68,7 +69,7 @@ class DeploymentBackend:
             if e.get("pending"):
                 health = "starting"
             actors.append({"name": f"expert-{e['actor_id']}", "kind": "expert", "node": str(e.get("node_id", ""))[:12],
-                           "device": e.get("device", ""), "health": health,
+                           "device": e.get("device", ""), "dtype": e.get("dtype", ""), "health": health,
                            "load": float(e.get("busy_fraction", 0.0)), "group": e.get("group")})
         for sid in st.get("kv_shards", []):
             actors.append({"name": sid, "kind": "kv_shard", "node": "", "device": "cpu", "health": "healthy",

@@ -2,6 +2,12 @@
 worker thread so the event loop stays free); submit / poll / cancel / ping are separate methods, ping in its
 own concurrency group so a busy step never fails a health check. Tokens leave per step: `poll` returns every
 delta of the asked-for requests since the last poll in one message.
+
+Placement: the actor asks for its `gating_device`'s resource (actors/devices.py: num_gpus=1, or the NPU resource)
+and its engine computes on that torch device (cuda:0, npu:0; torch_npu imported only for NPUs): the dense
+weights in the serving dtype, the paged KV cache, attention, gate, shared experts and sampling. Without the
+device's torch support it fails with a ConfigError naming the fix, or computes on the CPU under
+allow_cpu_fallback. `status` reports the torch device and dtype it computes in.
 """
 
 from __future__ import annotations
@@ -64,20 +70,26 @@ class GatingActor:
         # a restarted actor takes the controller's current table and handles, not its constructor's
         table, expert_actors, kv_shards = _current_routing(self.config, deployment, table, expert_actors, kv_shards)
         torch.set_num_threads(self.config.threads_for("gating"))
+        from moeray.actors.devices import device_type, torch_device
+
+        # where the engine computes: the placement's torch device, decided once here (GPU: cuda:0)
+        self.device = torch_device(self.config.gating_device, self.config.allow_cpu_fallback)
         self.model_cfg = ModelConfig.from_pretrained(self.config.model)
         ckpt = Checkpoint(self.config.model, self.config.expert_quant)
         dense = build_dense_model(self.model_cfg)
         load_dense(dense, self.model_cfg, ckpt)
         dense.eval()
-        # the serving dtype, decided once here (auto: bf16 where this CPU computes it fast; models/dtypes.py)
-        self.dtype = resolve_dtype(self.config.dtype, "cpu", reduced_ok=getattr(dense, "reduced_precision", False))
+        # the serving dtype, decided once here for that device (auto: bf16 on GPU/NPU and where this CPU computes it
+        # fast; models/dtypes.py)
+        self.dtype = resolve_dtype(self.config.dtype, self.device,
+                                   reduced_ok=getattr(dense, "reduced_precision", False))
         self.table = RoutingTable.from_dict(table)
         if self.config.transport == "local" or not expert_actors:
-            groups = local_expert_groups(self.table, lambda: new_expert_group(self.model_cfg, ckpt, dtype=self.dtype),
+            groups = local_expert_groups(self.table, lambda: new_expert_group(self.model_cfg, ckpt, dtype=self.dtype,
+                                                                              device=self.device),
                                          lambda g, slots: load_experts_into(g, self.model_cfg, ckpt, slots))
             transport = LocalTransport(groups, self.table)
         else:
-            from moeray.actors.devices import device_type
             from moeray.actors.rdt import RdtTransport, tensor_transport_of
             from moeray.actors.transport import RayTransport
 
@@ -85,7 +97,7 @@ class GatingActor:
             kwargs = dict(call_timeout_s=self.config.expert_call_timeout_s,
                           wire_dtype=resolve_dtype(self.config.dtype, device_type(self.config.device)),
                           overlaps=self.config.device != "cpu", dead_grace_s=30.0 if self.config.controller else 0.0)
-            tensor_transport = tensor_transport_of(self.config)
+            tensor_transport = tensor_transport_of(self.config, torch.device(self.device).type)
             transport = (RayTransport(dict(expert_actors), self.table, **kwargs) if tensor_transport == "object_store"
                          else RdtTransport(dict(expert_actors), self.table, tensor_transport, **kwargs))
         self.transport = transport
@@ -107,7 +119,7 @@ class GatingActor:
             grammars = Grammars(tok.to_str(), self.model_cfg.vocab_size, list(self.model_cfg.eos_token_ids))
         self.engine = Engine(dense, transport, engine_config(self.config, self.dtype),
                              decode=(lambda ids: tok.decode(ids)) if tok is not None else None, prefix=prefix,
-                             grammars=grammars)
+                             grammars=grammars, device=self.device)
         self._inbox: collections.deque = collections.deque()
         self._inbox_lock = threading.Lock()
         self._buffers = DeltaBuffers()
@@ -179,7 +191,8 @@ class GatingActor:
                   transport=self.config.transport, num_blocks=self.config.kv_cache_blocks,
                   tensor_transport=getattr(self.transport, "tensor_transport", "object_store"),
                   transport_stats=dict(getattr(self.transport, "stats", {})),
-                  device=self.config.gating_device, dtype=str(self.dtype).removeprefix("torch."))
+                  device=str(self.engine.device), placement=self.config.gating_device,
+                  dtype=str(self.dtype).removeprefix("torch."))
         return st
 
     async def set_kv_shards(self, shards: dict[str, Any]) -> int:

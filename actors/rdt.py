@@ -51,7 +51,7 @@ def nixl_installed() -> bool:
 def resolve_tensor_transport(tensor_transport: str, transport: str, gating_device_type: str,
                              expert_device: str) -> str:
     """ServeConfig.tensor_transport -> "nixl" or "object_store". `gating_device_type`: the torch device type
-    the gating engine computes on ("cpu" today: see GatingActor); `expert_device`: the experts' placement.
+    the gating engine computes on (cpu, cuda, npu; see GatingActor); `expert_device`: the experts' placement.
     auto: nixl only when both compute on GPUs (RDT supports CPUs and NVIDIA GPUs; NPUs have no RDT transport
     in Ray 2.60) and NIXL is installed. A forced nixl without NIXL is a ConfigError naming the option."""
     if transport != "ray" or tensor_transport == "object_store":
@@ -65,15 +65,21 @@ def resolve_tensor_transport(tensor_transport: str, transport: str, gating_devic
     return NIXL if on_gpus and nixl_installed() else "object_store"
 
 
-def tensor_transport_of(cfg: Any, gating_device_type: str = "cpu") -> str:
-    """The resolved tensor transport of a ServeConfig (the same answer in spawn and in the gating actor).
-    `gating_device_type`: what the gating engine computes on; it is "cpu" for every deployment today
-    (ServeConfig refuses gating_device gpu/npu unless allow_cpu_fallback, which computes on the CPU)."""
+def tensor_transport_of(cfg: Any, gating_device_type: str | None = None) -> str:
+    """The resolved tensor transport of a ServeConfig. `gating_device_type`: what the gating engine computes on;
+    None: what its `gating_device` placement means (spawn, before any actor runs). The gating actor passes the
+    device it got (cpu under allow_cpu_fallback without CUDA: then the object store, whatever spawn enabled)."""
+    if gating_device_type is None:
+        from moeray.actors.devices import device_type
+
+        gating_device_type = device_type(cfg.gating_device)
     return resolve_tensor_transport(cfg.tensor_transport, cfg.transport, gating_device_type, cfg.device)
 
 
 class RdtBackend(RayBackend):
     """RayBackend whose rows and answers travel by RDT (`tensor_transport`, one-sided: nixl)."""
+
+    host_rows = False  # rows stay on the engine's device: NIXL reads them there
 
     def __init__(self, actors: dict[int, Any], tensor_transport: str = NIXL) -> None:
         super().__init__(actors)

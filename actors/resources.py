@@ -3,7 +3,8 @@
 1. `fit_cpu_shares`: CPU shares the user did not set (expert_num_cpus, gating_num_cpus, kv_store.shard_num_cpus)
    are scaled down together until every actor fits in the CPUs the cluster has free; shares set explicitly are
    kept.
-2. `shortfall`: what the deployment asks for (CPUs, GPUs, NPUs) against what the cluster has free, also per node
+2. `shortfall`: what the deployment asks for (CPUs; GPUs / NPUs of the expert actors' `device` and the gating
+   actors' `gating_device`) against what the cluster has free, also per node
    (an actor's request must fit in one node); a message naming the fields to change, or None.
 3. `fit_to_cluster` (Ray): both, against the live cluster; an explicit request that does not fit is refused
    after `wait_s` (an autoscaler is asked for the missing bundles meanwhile) with a ConfigError.
@@ -79,10 +80,16 @@ def shortfall(cfg: ServeConfig, n: ActorCounts, free: dict[str, float],
             f"{n.gating} gating actors x gating_num_cpus {cfg.gating_num_cpus:g} + {n.kv_shards} KV shards x "
             f"kv_store.shard_num_cpus {cfg.kv_store.shard_num_cpus:g}) but the cluster has {free.get('CPU', 0):g} "
             f"free; lower those fields (or leave them unset to have them divided), or add nodes")
-    res = DEVICE_RESOURCE.get(cfg.device)
-    if res and n.experts > free.get(res, 0.0) + 1e-9:
-        problems.append(f"{n.experts} expert actors on device {cfg.device!r} need {n.experts} {res}s but the cluster "
-                        f"has {free.get(res, 0):g} free; lower num_expert_groups / expert_replicas or add {res} nodes")
+    for res in sorted(set(DEVICE_RESOURCE.values())):
+        experts = n.experts if DEVICE_RESOURCE.get(cfg.device) == res else 0
+        gating = n.gating if DEVICE_RESOURCE.get(cfg.gating_device) == res else 0
+        if experts + gating > free.get(res, 0.0) + 1e-9:
+            who = " + ".join([f"{experts} expert actors (device {cfg.device!r})"] * bool(experts)
+                             + [f"{gating} gating actors (gating_device {cfg.gating_device!r})"] * bool(gating))
+            fix = " / ".join(["lower num_expert_groups / expert_replicas"] * bool(experts)
+                             + ["lower num_gating_actors or set gating_device: cpu"] * bool(gating))
+            problems.append(f"{who} need {experts + gating} {res}s but the cluster has {free.get(res, 0):g} free; "
+                            f"{fix}, or add {res} nodes")
     biggest = max([s for s, k in ((cfg.expert_num_cpus, n.experts), (cfg.gating_num_cpus, n.gating),
                                   (cfg.kv_store.shard_num_cpus, n.kv_shards)) if k], default=0.0)
     most = max((nd.get("CPU", 0.0) for nd in node_free), default=0.0)
@@ -121,7 +128,9 @@ def _free_resources() -> tuple[dict[str, float], list[dict[str, float]]]:
 
 
 def _ask_autoscaler(cfg: ServeConfig, n: ActorCounts) -> None:
-    bundles = [{"CPU": cfg.gating_num_cpus}] * n.gating + [{"CPU": cfg.kv_store.shard_num_cpus}] * n.kv_shards
+    gating_res = DEVICE_RESOURCE.get(cfg.gating_device)
+    bundles = ([{"CPU": cfg.gating_num_cpus, **({gating_res: 1} if gating_res else {})}] * n.gating
+               + [{"CPU": cfg.kv_store.shard_num_cpus}] * n.kv_shards)
     res = DEVICE_RESOURCE.get(cfg.device)
     bundles += [{"CPU": cfg.expert_num_cpus, **({res: 1} if res else {})}] * n.experts
     try:

@@ -5,6 +5,11 @@ compute dtype) plus a small inlined int32 routing array; answers come back in th
 with one scatter. Failover, hedging and fail-fast are the state machine of moeray.engine.failover; this module
 binds it to Ray: sends are `forward.remote`, probes are `ping` (the actors' health concurrency group), Ray errors
 are classified once, by moeray.actors.handles.classify.
+
+On a gating engine with a device (cuda, npu) the layer's routing ([N, K] ids and weights) comes to the host in one
+copy (the dispatch plan and the failover bookkeeping are host work); the rows are gathered on the device and
+cross to the host in one copy when the backend sends host arrays (`host_rows`: the object store), else stay on
+the device (RDT); answers are combined on the device.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from moeray.actors.handles import ExpertHandle, classify
 from moeray.common.errors import ActorGoneError, ActorTimeoutError, ActorTransientError
 from moeray.engine.failover import ExpertCall, FailoverCaller, FailoverPolicy, Fault
 from moeray.engine.transport import ExpertLoad, ExpertRowsFailed
-from moeray.engine.wire import from_wire, pack_pairs, pack_rows, scatter_rows, to_wire
+from moeray.engine.wire import from_wire, host_routing, pack_pairs, pack_rows, scatter_rows, to_wire
 from moeray.router.dispatch import ActorBatch
 from moeray.router.table import RoutingTable
 
@@ -46,6 +51,8 @@ def failed_future(error: BaseException) -> concurrent.futures.Future:
 class RayBackend:
     """The state machine's view of the expert actors: send, probe, classify, wait. Sends and probes return
     RefFutures; `wait_any` blocks in `ray.wait` and completes every ready one (one `ray.get` for all of them)."""
+
+    host_rows = True  # rows are sent as host (numpy) arrays: pack them to the host in one copy
 
     def __init__(self, actors: dict[int, Any]) -> None:
         self.actors = actors
@@ -117,7 +124,9 @@ class RayTransport:
         self.wire_dtype = wire_dtype
         self.backend = backend or RayBackend(dict(actors))  # RDT: moeray.actors.rdt.RdtBackend
         policy = policy or FailoverPolicy(call_timeout_s=call_timeout_s, dead_grace_s=dead_grace_s)
-        self.caller = FailoverCaller(self.backend, policy, pack_rows)
+        rows_device = "cpu" if self.backend.host_rows else None
+        self.caller = FailoverCaller(self.backend, policy,
+                                     lambda x, batches, dtype: pack_rows(x, batches, dtype, rows_device))
         self.load = ExpertLoad()
         self.stats = self.caller.stats
         self.stats.update(dispatch_s=0.0)
@@ -143,6 +152,8 @@ class RayTransport:
     def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> ExpertCall:
         t0 = time.perf_counter()
         table = self.table
+        if ids.device.type != "cpu":
+            ids, weights = host_routing(ids, weights)
         self.load.add(layer, ids, table.num_experts)
         call = self.caller.submit(layer, x, ids, weights, table, self.wire_dtype)
         self.stats["dispatch_s"] += time.perf_counter() - t0

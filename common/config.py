@@ -75,7 +75,10 @@ class ServeConfig(BaseModel):
     placement: Literal["round_robin", "blocks"] = "round_robin"
     device: Literal["cpu", "gpu", "npu"] = "cpu"
     allow_cpu_fallback: bool = False
-    gating_device: Literal["cpu", "gpu", "npu"] = "cpu"  # where the gating actors run attention, gate, shared experts
+    # where the gating actors run attention, gate, shared experts, the paged KV cache and sampling: each asks for one
+    # GPU / NPU (deploy() refuses, naming the fields, when the cluster has too few); without the device's torch
+    # support it fails naming the fix, or computes on the CPU with allow_cpu_fallback
+    gating_device: Literal["cpu", "gpu", "npu"] = "cpu"
     # weights, KV cache and compute; auto: bfloat16 where the device computes it fast (GPU, NPU, CPUs with AMX or
     # AVX512-BF16), float32 elsewhere, decided at start-up (moeray.models.dtypes). float32 is exact.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -124,10 +127,6 @@ class ServeConfig(BaseModel):
         if self.tensor_transport == "nixl" and self.transport != "ray":
             raise ValueError("tensor_transport: nixl needs transport: ray (it moves expert-call tensors between "
                              "actors); set tensor_transport: auto or object_store")
-        if self.gating_device != "cpu" and not self.allow_cpu_fallback:
-            raise ValueError(f"gating_device: {self.gating_device} is not supported yet (the gating engine's paged KV "
-                             "cache lives in CPU memory): set gating_device: cpu, or allow_cpu_fallback: true to "
-                             "reserve the accelerator and compute on the CPU")
         return self
 
     def threads_for(self, role: Literal["gating", "expert"]) -> int:

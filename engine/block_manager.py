@@ -323,18 +323,18 @@ def size_pools(pools: tuple[PoolSpec, ...], block_size: int, itemsize: int, *, n
     return out
 
 
-def build_kv_cache(spec: ModelCacheSpec, config, prefix=None,
-                   model_dtype: torch.dtype = torch.float32) -> tuple[PagedKVCache, BlockManager]:
-    """The paged cache and its block manager for an EngineConfig-like `config` (block_size, num_blocks,
-    kv_cache_bytes, kv_cache_dtype, max_num_seqs, max_num_batched_tokens, prefix_caching). Storage defaults to
-    the model's dtype, and reads return it. Keys are the KV store's (`prefix`'s model id and codec) when there
-    is one."""
+def build_kv_cache(spec: ModelCacheSpec, config, prefix=None, model_dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> tuple[PagedKVCache, BlockManager]:
+    """The paged cache (storage on `device`) and its block manager (host bookkeeping) for an EngineConfig-like
+    `config` (block_size, num_blocks, kv_cache_bytes, kv_cache_dtype, max_num_seqs, max_num_batched_tokens,
+    prefix_caching). Storage defaults to the model's dtype, and reads return it. Keys are the KV store's
+    (`prefix`'s model id and codec) when there is one."""
     pools = plan_pools(spec, config.block_size)
     dtype = config.kv_cache_dtype or model_dtype
     pages = size_pools(pools, config.block_size, dtype.itemsize, num_blocks=config.num_blocks,
                        kv_cache_bytes=config.kv_cache_bytes, max_num_seqs=config.max_num_seqs,
                        max_num_batched_tokens=config.max_num_batched_tokens)
-    cache = PagedKVCache(spec, pools, pages, config.block_size, dtype=dtype, compute_dtype=model_dtype)
+    cache = PagedKVCache(spec, pools, pages, config.block_size, dtype=dtype, compute_dtype=model_dtype, device=device)
     key = (prefix.model_id, prefix.codec) if prefix is not None else ("local", "none")
     blocks = BlockManager(pools, pages, config.block_size, dtype.itemsize, *key, prefix_caching=config.prefix_caching,
                           budget_field="kv_cache_bytes" if config.kv_cache_bytes is not None else "kv_cache_blocks")

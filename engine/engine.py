@@ -4,6 +4,11 @@
     engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=32, temperature=0.0))
     while engine.has_unfinished():
         deltas = engine.step()          # one StepDelta per sequence that produced a token (or finished)
+
+`device` (the gating actor's placement as a torch device: cpu, cuda:0, npu:0) is where the dense weights (cast
+to the serving dtype), the paged KV cache, attention, gate, shared experts and sampling live; the scheduler,
+block tables and sequences stay on the host. Per step the host sends token ids and block tables over and gets
+the sampled ids back once. A CPU engine runs exactly this code with device="cpu".
 """
 
 from __future__ import annotations
@@ -73,11 +78,13 @@ def validate_request(cfg, config: EngineConfig, prompt_ids: list[int], params: S
 class Engine:
     def __init__(self, dense: torch.nn.Module, transport: ExpertTransport, config: EngineConfig,
                  decode: Callable[[list[int]], str] | None = None, prefix: PrefixCache | None = None,
-                 grammars: Grammars | None = None) -> None:
-        self.dense, self.cfg, self.config = cast_dense(dense, config.dtype), dense.cfg, config
+                 grammars: Grammars | None = None, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.dense, self.cfg, self.config = cast_dense(dense, config.dtype, device=self.device), dense.cfg, config
         self.cache: PagedKVCache
         self.blocks: BlockManager
-        self.cache, self.blocks = build_kv_cache(dense.cache_spec(), config, prefix, next(dense.parameters()).dtype)
+        self.cache, self.blocks = build_kv_cache(dense.cache_spec(), config, prefix, next(dense.parameters()).dtype,
+                                                 device=self.device)
         self.prefix = prefix
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs,
                                    prefix_lookup=prefix.lookup if prefix is not None else None,
@@ -210,7 +217,7 @@ class Engine:
             if logits is None:
                 continue
             lps = torch.log_softmax(logits.float(), dim=-1)  # [m, V]
-            targets = torch.tensor(c.seq.prompt_ids[c.start + 1:c.start + 1 + len(lps)])
+            targets = torch.tensor(c.seq.prompt_ids[c.start + 1:c.start + 1 + len(lps)], device=lps.device)
             token_lp = lps.gather(1, targets[:, None])  # [m, 1]
             ranks = (lps >= token_lp).sum(1).tolist()  # vLLM's rank: tokens at least as likely, itself included
             k = c.seq.params.prompt_logprobs

@@ -14,6 +14,10 @@ in the cache dtype (float32 / bfloat16 / fp8_e4m3, the latter held as raw bytes)
 dtype, so the `none` codec sees exactly what is stored. Attention modules see a `LayerCache` (`write` /
 `read`), so the same model code runs over this cache and over the reference's contiguous one.
 
+Storage lives on the engine's torch `device` (the gating actor's placement: cpu, cuda, npu); page tables are
+built on the host from the block manager's lists and move to the device once per step (models/paged_attention.py)
+or per index computed here. Block payloads for the KV store (`read_block` / `write_block`) are host tensors.
+
 Legend: B = block_size, P = pool, rpp = rows per page, S = sequences, L = longest context.
 """
 
@@ -25,6 +29,8 @@ import torch
 
 from moeray.kvstore.spec import CacheTensorSpec, ModelCacheSpec
 
+HOST = torch.device("cpu")  # page tables and index arithmetic: host tensors, said explicitly (a default device never
+# moves them)
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
 
 
@@ -117,9 +123,11 @@ class SeqBlocks:
 
 class PagedKVCache:
     def __init__(self, spec: ModelCacheSpec, pools: tuple[PoolSpec, ...], num_pages: list[int], block_size: int,
-                 dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
         self.spec, self.pools, self.num_pages, self.block_size = spec, pools, list(num_pages), block_size
         self.dtype, self.compute_dtype = dtype, compute_dtype
+        self.device = torch.device(device)
         self._raw = dtype.itemsize == 1  # fp8: stored as bytes (CPU index ops have no fp8 kernels)
         self.batched_decode_calls = 0
         self.storage: list[dict[str, torch.Tensor]] = [{} for _ in spec.layers]  # layer -> name -> rows
@@ -127,7 +135,8 @@ class PagedKVCache:
         for pid, (pool, n) in enumerate(zip(pools, num_pages, strict=True)):
             for layer_id, t in pool.tensors:
                 rows = (n * pool.rows_per_page, *t.row_shape)
-                self.storage[layer_id][t.name] = torch.zeros(rows, dtype=torch.uint8 if self._raw else dtype)
+                self.storage[layer_id][t.name] = torch.zeros(rows, dtype=torch.uint8 if self._raw else dtype,
+                                                             device=self.device)
                 self.pool_of[layer_id][t.name] = pid
 
     @property
@@ -151,15 +160,16 @@ class PagedKVCache:
         return rows.to(dtype or self.compute_dtype)
 
     def index(self, table: torch.Tensor, first: int, pool: PoolSpec, start_row: int, end_row: int) -> torch.Tensor:
-        """Storage rows of a sequence's rows [start_row, end_row) in `pool` ([n] long); `table` starts at page
-        index `first`."""
+        """Storage rows of a sequence's rows [start_row, end_row) in `pool` ([n] long, on the cache's device);
+        `table` (a host tensor) starts at page index `first`."""
         rpp = pool.rows_per_page
         if end_row > (first + table.numel()) * rpp:
             raise AssertionError(f"{pool.name} row {end_row - 1} beyond the {first + table.numel()} allocated pages")
         if start_row < first * rpp and end_row > start_row:
             raise AssertionError(f"{pool.name} rows {start_row}..{end_row - 1} reach a dropped window page")
-        r = torch.arange(start_row, end_row)
-        return table[r // rpp - first] * rpp + r % rpp
+        r = torch.arange(start_row, end_row, device=HOST)
+        rows = table[r // rpp - first] * rpp + r % rpp
+        return rows if self.device.type == "cpu" else rows.to(self.device)
 
     # ---- batched decode (one new token per sequence) -----------------------------------------------------
     def decode_write_gather(self, layer_id: int, views: list[SeqCacheView], positions: torch.Tensor,
@@ -179,13 +189,15 @@ class PagedKVCache:
         assert all(v.first[pid] == 0 for v in views)
         b = pool.page_tokens
         store = self.storage[layer_id]
-        tables = torch.nn.utils.rnn.pad_sequence([v.tables[pid] for v in views], batch_first=True)  # [S, pages]
-        s_ids = torch.arange(len(views))
+        dev = self.device
+        tables = torch.nn.utils.rnn.pad_sequence([v.tables[pid] for v in views], batch_first=True).to(dev)  # [S, P]
+        positions = positions.to(dev)
+        s_ids = torch.arange(len(views), device=dev)
         dst = tables[s_ids, positions // b] * b + positions % b  # [S]
         for name, r in rows.items():
             store[name].index_copy_(0, dst, self._to_store(r))
         lengths = positions + 1
-        span = torch.arange(int(lengths.max()))  # [L]
+        span = torch.arange(int(lengths.max()), device=dev)  # [L]
         valid = span[None, :] < lengths[:, None]  # [S, L]
         cols = torch.where(valid, span[None, :], 0)
         src = (tables.gather(1, cols // b) * b + cols % b).reshape(-1)  # [S * L]
@@ -202,8 +214,9 @@ class PagedKVCache:
         return lo // tpr, (block + 1) * b // tpr
 
     def read_block(self, blocks: SeqBlocks, block: int) -> list[dict[str, torch.Tensor]]:
-        """Every layer's rows of one block of a sequence: layer -> name -> [R, *row_shape] (copies, cache dtype)."""
-        tables = [torch.tensor(t, dtype=torch.long) for t in blocks.tables]
+        """Every layer's rows of one block of a sequence: layer -> name -> [R, *row_shape] (host copies, cache
+        dtype: what the KV store's codecs read)."""
+        tables = [torch.tensor(t, dtype=torch.long, device=HOST) for t in blocks.tables]
         out: list[dict[str, torch.Tensor]] = []
         for layer_id, layer in enumerate(self.storage):
             rows = {}
@@ -211,14 +224,14 @@ class PagedKVCache:
                 pid = self.pool_of[layer_id][name]
                 pool = self.pools[pid]
                 idx = self.index(tables[pid], blocks.first[pid], pool, *self.block_rows(pool, block))
-                rows[name] = self._from_store(store.index_select(0, idx), self.dtype)
+                rows[name] = self._from_store(store.index_select(0, idx), self.dtype).cpu()
             out.append(rows)
         return out
 
     def write_block(self, blocks: SeqBlocks, block: int, payload: list[dict[str, torch.Tensor]]) -> None:
-        """Fill one block of a sequence from a payload shaped like `read_block`'s (mutates the pools). Window
-        rows the sequence no longer holds (before its window) are skipped."""
-        tables = [torch.tensor(t, dtype=torch.long) for t in blocks.tables]
+        """Fill one block of a sequence from a payload shaped like `read_block`'s (host or device tensors; mutates
+        the pools). Window rows the sequence no longer holds (before its window) are skipped."""
+        tables = [torch.tensor(t, dtype=torch.long, device=HOST) for t in blocks.tables]
         for layer_id, (layer, rows) in enumerate(zip(self.storage, payload, strict=True)):
             for name, store in layer.items():
                 pid = self.pool_of[layer_id][name]
@@ -227,7 +240,7 @@ class PagedKVCache:
                 held = max(lo, first * pool.rows_per_page)
                 if held < hi:
                     store.index_copy_(0, self.index(table, first, pool, held, hi),
-                                      self._to_store(rows[name][held - lo:]))
+                                      self._to_store(rows[name][held - lo:].to(self.device)))
 
 
 class SeqCacheView:
@@ -237,7 +250,7 @@ class SeqCacheView:
     def __init__(self, cache: PagedKVCache, blocks: SeqBlocks) -> None:
         self.cache = cache
         self.batch = cache
-        self.tables = [torch.tensor(t, dtype=torch.long) for t in blocks.tables]
+        self.tables = [torch.tensor(t, dtype=torch.long, device=HOST) for t in blocks.tables]
         self.first = list(blocks.first)
 
     def layer(self, layer_id: int) -> _LayerView:

@@ -40,6 +40,7 @@ class ModelRunner:
     def __init__(self, dense: torch.nn.Module, cache: PagedKVCache, transport: ExpertTransport,
                  micro_batches: int = 1) -> None:
         self.dense, self.cache, self.transport = dense, cache, transport
+        self.device = cache.device  # the engine's device: token ids and row indices are built there
         self.micro_batches = micro_batches  # 0: chosen per step
         self.failed: dict[int, str] = {}  # after run: chunk index -> why its rows could not be computed
         self.prompt_logits: dict[str, torch.Tensor] = {}  # after run: request id -> [m, V] (prompt_logprobs)
@@ -67,7 +68,7 @@ class ModelRunner:
         rows = [self.dense.logits(s[mb.logit_rows]) for s, mb in zip(states, mbs, strict=True) if mb.logit_rows.numel()]
         self.prompt_logits = {rid: self.dense.logits(s[r]) for s, mb in zip(states, mbs, strict=True)
                               for rid, r in mb.prompt_rows}
-        return torch.cat(rows) if rows else torch.empty(0, self.dense.cfg.vocab_size)
+        return torch.cat(rows) if rows else torch.empty(0, self.dense.cfg.vocab_size, device=self.device)
 
     def num_micro_batches(self, chunks: list[ScheduledChunk]) -> int:
         if self.micro_batches:
@@ -112,12 +113,12 @@ class ModelRunner:
             if c.seq.params.prompt_logprobs is not None and not c.seq.output_ids:  # positions start.. P-2
                 end = min(c.start + c.num_tokens, len(c.seq.prompt_ids) - 1)
                 if end > c.start:
-                    prompt_rows.append((c.seq.request_id, torch.arange(off, off + end - c.start)))
+                    prompt_rows.append((c.seq.request_id, torch.arange(off, off + end - c.start, device=self.device)))
             off += c.num_tokens
             if c.samples:
                 logit_rows.append(off - 1)
-        return MicroBatch(torch.tensor(ids, dtype=torch.long), seqs, torch.tensor(logit_rows, dtype=torch.long),
-                          prompt_rows)
+        return MicroBatch(torch.tensor(ids, dtype=torch.long, device=self.device), seqs,
+                          torch.tensor(logit_rows, dtype=torch.long, device=self.device), prompt_rows)
 
 
 def split_chunks(chunks: list[ScheduledChunk], parts: int) -> list[list[ScheduledChunk]]:

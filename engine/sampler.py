@@ -11,6 +11,11 @@ generator for seeded ones.
 Log-probabilities are those of the raw model distribution (vLLM's default `raw_logprobs`), before any penalty,
 mask or temperature.
 
+Device: the logits stay on the engine's device (cpu, cuda, npu); per-request settings become small tensors
+there, decisions that depend only on the settings are taken on the host (no device sync for them), and the
+sampled ids come back to the host once, as one [S] tensor. Seeded draws take their uniform from the request's CPU
+generator (the same number on every device) and move it over in one copy.
+
 Legend: S = sequences sampled this step, V = vocab, R = rows that need a given step.
 """
 
@@ -25,6 +30,7 @@ from moeray.common.sampling import TopLogprobs
 from moeray.engine.sequence import Sequence
 
 NEG_INF = float("-inf")
+HOST = torch.device("cpu")  # tensors built from Python lists and the requests' generators (said explicitly)
 
 
 @dataclass(slots=True)
@@ -36,7 +42,7 @@ class SampleResult:
 
 def make_generator(seed: int | None) -> torch.Generator:
     """A request's own generator: seeded requests give the same tokens on every transport."""
-    g = torch.Generator()
+    g = torch.Generator(device=HOST)
     if seed is None:
         g.seed()
     else:
@@ -54,15 +60,17 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], allowed: torch.Tensor | N
     params = [s.params for s in seqs]
     S = len(seqs)
     if allowed is None and all(p.greedy and p.plain and not p.logprobs and not p.top_logprobs for p in params):
-        tokens = logits.argmax(-1).tolist()  # the fast path: greedy, nothing else asked for
+        tokens = logits.argmax(-1).tolist()  # the fast path: greedy, nothing else asked for (one sync)
         return SampleResult(tokens, [None] * S, [None] * S)
+    if allowed is not None:
+        allowed = allowed.to(logits.device)
     raw = logits.float()
     x = _processed(raw, seqs, allowed, eos_token_ids)
     tokens_t = x.argmax(-1)
     rand = [i for i, p in enumerate(params) if not p.greedy]
     if rand:
         tokens_t[rand] = _draw(x[rand], [seqs[i] for i in rand])
-    tokens = tokens_t.tolist()
+    tokens = tokens_t.tolist()  # the step's one device -> host copy of ids
     logprobs, top = _logprobs(raw, params, tokens)
     return SampleResult(tokens, logprobs, top)
 
@@ -74,7 +82,7 @@ def _processed(raw: torch.Tensor, seqs: list[Sequence], allowed: torch.Tensor | 
     if allowed is None and all(p.plain for p in params):
         return raw
     x = raw.clone()
-    V = x.shape[1]
+    V, dev = x.shape[1], x.device
     pen = [i for i, p in enumerate(params)
            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0]
     if pen:
@@ -87,7 +95,8 @@ def _processed(raw: torch.Tensor, seqs: list[Sequence], allowed: torch.Tensor | 
                 cols.append(tok)
                 vals.append(float(bias))
     if rows:
-        x.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(vals, dtype=x.dtype), accumulate=True)
+        x.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                     torch.tensor(vals, dtype=x.dtype, device=dev), accumulate=True)
     rows, cols = [], []
     for i, (s, p) in enumerate(zip(seqs, params, strict=True)):
         if len(s.output_ids) < p.min_tokens:
@@ -95,7 +104,7 @@ def _processed(raw: torch.Tensor, seqs: list[Sequence], allowed: torch.Tensor | 
             rows.extend([i] * len(banned))
             cols.extend(banned)
     if rows:
-        x[torch.tensor(rows), torch.tensor(cols)] = NEG_INF
+        x[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = NEG_INF
     if allowed is not None:
         x.masked_fill_(~allowed[:, :V], NEG_INF)
     return x
@@ -103,30 +112,32 @@ def _processed(raw: torch.Tensor, seqs: list[Sequence], allowed: torch.Tensor | 
 
 def _apply_penalties(x: torch.Tensor, pen: list[int], seqs: list[Sequence], V: int) -> None:
     """vLLM's order: repetition (prompt and output tokens), then frequency and presence (output tokens)."""
-    R = len(pen)
-    out_counts = _counts([seqs[i].output_ids for i in pen], V)  # [R, V]
+    R, dev = len(pen), x.device
+    out_counts = _counts([seqs[i].output_ids for i in pen], V, dev)  # [R, V]
     sub = x[pen]
-    rep = torch.tensor([seqs[i].params.repetition_penalty for i in pen], dtype=x.dtype)
-    if (rep != 1.0).any():
-        seen = _counts([seqs[i].prompt_ids for i in pen], V).gt(0) | out_counts.gt(0)
-        r = rep[:, None].expand(R, V)
+    reps = [seqs[i].params.repetition_penalty for i in pen]
+    if any(r != 1.0 for r in reps):
+        seen = _counts([seqs[i].prompt_ids for i in pen], V, dev).gt(0) | out_counts.gt(0)
+        r = torch.tensor(reps, dtype=x.dtype, device=dev)[:, None].expand(R, V)
         sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
-    freq = torch.tensor([seqs[i].params.frequency_penalty for i in pen], dtype=x.dtype)
-    pres = torch.tensor([seqs[i].params.presence_penalty for i in pen], dtype=x.dtype)
+    freq = torch.tensor([seqs[i].params.frequency_penalty for i in pen], dtype=x.dtype, device=dev)
+    pres = torch.tensor([seqs[i].params.presence_penalty for i in pen], dtype=x.dtype, device=dev)
     sub = sub - freq[:, None] * out_counts - pres[:, None] * out_counts.gt(0).to(x.dtype)
     x[pen] = sub
 
 
-def _counts(id_lists: list[list[int]], V: int) -> torch.Tensor:
-    """[R, V] float counts of each id in each list (one scatter over the padded lists)."""
+def _counts(id_lists: list[list[int]], V: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[R, V] float counts of each id in each list, on `device` (the lists padded on the host, one copy over,
+    one scatter)."""
     width = max((len(ids) for ids in id_lists), default=0)
-    counts = torch.zeros(len(id_lists), V + 1)
+    counts = torch.zeros(len(id_lists), V + 1, device=device)
     if width:
-        padded = torch.full((len(id_lists), width), V, dtype=torch.long)
+        padded = torch.full((len(id_lists), width), V, dtype=torch.long, device=HOST)
         for r, ids in enumerate(id_lists):
             if ids:
-                padded[r, :len(ids)] = torch.tensor(ids, dtype=torch.long).clamp_(max=V)
-        counts.scatter_add_(1, padded, torch.ones(padded.shape))
+                padded[r, :len(ids)] = torch.tensor(ids, dtype=torch.long, device=HOST).clamp_(max=V)
+        padded = padded.to(device)
+        counts.scatter_add_(1, padded, torch.ones(padded.shape, device=device))
     return counts[:, :V]
 
 
@@ -138,16 +149,18 @@ def _draw(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """
     params = [s.params for s in seqs]
     R, V = x.shape
-    temp = torch.tensor([p.temperature for p in params], dtype=x.dtype)
+    dev = x.device
+    temp = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=dev)
     y = x / temp[:, None]
-    tokens = torch.empty(R, dtype=torch.long)
+    tokens = torch.empty(R, dtype=torch.long, device=dev)
     with_k = [r for r, p in enumerate(params) if 0 < p.top_k < V]
     with_p = [r for r, p in enumerate(params) if not 0 < p.top_k < V and p.top_p < 1.0]
     rest = [r for r, p in enumerate(params) if not 0 < p.top_k < V and p.top_p >= 1.0]
     if with_k:
-        k = torch.tensor([params[r].top_k for r in with_k])
-        vals, ids = y[with_k].topk(int(k.max()), -1)  # sorted, largest first
-        vals.masked_fill_(torch.arange(vals.shape[1])[None, :] >= k[:, None], NEG_INF)
+        ks = [params[r].top_k for r in with_k]
+        k = torch.tensor(ks, device=dev)
+        vals, ids = y[with_k].topk(max(ks), -1)  # sorted, largest first
+        vals.masked_fill_(torch.arange(vals.shape[1], device=dev)[None, :] >= k[:, None], NEG_INF)
         tokens[with_k] = ids.gather(1, _pick(_top_p(vals, [params[r] for r in with_k]), _rows(seqs, with_k)))[:, 0]
     if with_p:
         vals, ids = y[with_p].sort(-1, descending=True)
@@ -164,16 +177,16 @@ def _rows(seqs: list[Sequence], rows: list[int]) -> list[Sequence]:
 def _top_p(vals: torch.Tensor, params) -> torch.Tensor:
     """Sorted logits (largest first) -> probabilities after top-p (the smallest prefix reaching it) and min-p."""
     probs = vals.softmax(-1)
-    top_p = torch.tensor([p.top_p for p in params], dtype=vals.dtype)
-    if (top_p < 1.0).any():
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], dtype=vals.dtype, device=vals.device)
         before = probs.cumsum(-1) - probs  # mass of the more likely tokens
         probs = probs.masked_fill(before >= top_p[:, None], 0.0)
     return _min_p(probs, params)
 
 
 def _min_p(probs: torch.Tensor, params) -> torch.Tensor:
-    min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype)
-    if (min_p > 0).any():
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=probs.device)
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
     return probs
 
@@ -183,20 +196,20 @@ def _pick(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     seeded rows: a uniform from the request's generator, reseeded from (seed, position), then the inverse CDF."""
     probs = probs.nan_to_num(0.0)
     empty = probs.sum(-1) <= 0  # every token masked (cannot happen with a grammar, which always allows one)
-    if empty.any():
-        probs[empty, 0] = 1.0
-    out = torch.empty(len(seqs), 1, dtype=torch.long)
+    probs[:, 0] += empty.to(probs.dtype)  # such a row draws column 0; no host sync to find out whether any is
+    out = torch.empty(len(seqs), 1, dtype=torch.long, device=probs.device)
     seeded = [r for r, s in enumerate(seqs) if s.params.seed is not None]
     unseeded = [r for r, s in enumerate(seqs) if s.params.seed is None]
     if unseeded:
         out[unseeded] = torch.multinomial(probs[unseeded], 1)
     if seeded:
-        u = torch.empty(len(seeded), 1, dtype=probs.dtype)
+        u = torch.empty(len(seeded), 1, dtype=probs.dtype, device=HOST)  # drawn from the requests' CPU generators
         for i, r in enumerate(seeded):
             s = seqs[r]
-            g = s.generator if s.generator is not None else torch.Generator()
+            g = s.generator if s.generator is not None else torch.Generator(device=HOST)
             g.manual_seed((s.params.seed * 1_000_003 + s.num_tokens) % (2**63))
-            u[i] = torch.rand(1, generator=g, dtype=probs.dtype)
+            u[i] = torch.rand(1, generator=g, dtype=probs.dtype, device=HOST)
+        u = u.to(probs.device)
         cdf = probs[seeded].cumsum(-1)
         pos = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
         out[seeded] = pos.clamp_(max=probs.shape[1] - 1)
@@ -211,7 +224,7 @@ def _logprobs(raw: torch.Tensor, params, tokens: list[int]) -> tuple[list[float 
     if not want:
         return logprobs, top
     lp = raw[want].log_softmax(-1)  # [R, V]
-    sampled = lp.gather(1, torch.tensor([tokens[i] for i in want])[:, None])[:, 0].tolist()
+    sampled = lp.gather(1, torch.tensor([tokens[i] for i in want], device=lp.device)[:, None])[:, 0].tolist()
     k = max(params[i].top_logprobs for i in want)
     if k:
         values, ids = lp.topk(min(k, lp.shape[1]), -1)

@@ -7,8 +7,10 @@ A call carries two arrays:
 The answer is [M, D] in the wire dtype, same encoding. Both sides read the arrays without copying
 (`torch.from_numpy` on the object-store buffer; read-only: the expert math never writes its inputs).
 
-`pack_rows` gathers every target actor's rows with one index_select; `scatter_rows` combines every answer with
-one index_add. Legend: T = tokens in the layer, D = hidden, M = rows one actor receives, P = its pairs.
+`pack_rows` gathers every target actor's rows with one index_select (on the engine's device) and, for the
+object store, moves them to the host in one copy; `scatter_rows` combines every answer with one index_add on the
+engine's device (one copy over for host answers).
+Legend: T = tokens in the layer, D = hidden, M = rows one actor receives, P = its pairs.
 """
 
 from __future__ import annotations
@@ -58,12 +60,23 @@ def unpack_pairs(meta: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return m[0].long(), m[1].long(), m[2].view(torch.float32)
 
 
-def pack_rows(x: torch.Tensor, batches: Sequence[ActorBatch], dtype: torch.dtype) -> list[torch.Tensor]:
-    """x [T, D] -> one contiguous [M_i, D] buffer per batch in `dtype`, from one gather (views of one tensor)."""
+def host_routing(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's routing on a device, ids [N, K] (int64, < 2^24) and weights [N, K] -> host ids [N, K] int64 and
+    weights [N, K] fp32, in one copy (one sync): both travel as one fp32 [2, N, K] tensor, exact for ids < 2^24."""
+    both = torch.stack([ids.to(torch.float32), weights.to(torch.float32)]).cpu()  # [2, N, K]
+    return both[0].long(), both[1]
+
+
+def pack_rows(x: torch.Tensor, batches: Sequence[ActorBatch], dtype: torch.dtype,
+              device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """x [T, D] -> one contiguous [M_i, D] buffer per batch in `dtype`, from one gather (views of one tensor),
+    on `device` (None: x's; "cpu" for the object store: one device -> host copy for all batches)."""
     if not batches:
         return []
     rows = torch.cat([b.token_ids for b in batches]) if len(batches) > 1 else batches[0].token_ids
     packed = x.index_select(0, rows.to(x.device)).to(dtype)  # [sum M, D]
+    if device is not None:
+        packed = packed.to(device)
     return list(packed.split([b.num_rows for b in batches]))
 
 

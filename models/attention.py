@@ -33,12 +33,13 @@ class LayerCache(Protocol):
         """Rows [start_row, end_row) of tensor `name` -> [end_row - start_row, *row_shape]."""
 
 
-def causal_mask(start_pos: int, n: int, key_start: int, key_end: int, window: int) -> torch.Tensor | None:
-    """Boolean [n, L] mask (True = attend) for queries at start_pos.. over keys key_start..key_end-1."""
+def causal_mask(start_pos: int, n: int, key_start: int, key_end: int, window: int,
+                device: torch.device | str | None = None) -> torch.Tensor | None:
+    """Boolean [n, L] mask (True = attend) for queries at start_pos.. over keys key_start..key_end-1, on `device`."""
     if n == 1 and window == 0:
         return None  # a single query sees every cached key
-    q = torch.arange(start_pos, start_pos + n)[:, None]
-    k = torch.arange(key_start, key_end)[None, :]
+    q = torch.arange(start_pos, start_pos + n, device=device)[:, None]
+    k = torch.arange(key_start, key_end, device=device)[None, :]
     mask = k <= q
     if window:
         mask &= (q - k) < window
@@ -94,7 +95,7 @@ class GQAttention(nn.Module):
                                                requires_grad=False)
 
     def forward(self, x: torch.Tensor, start_pos: int, cache: LayerCache) -> torch.Tensor:  # [n, D] -> [n, D]
-        q, k, v = self._qkv(x, torch.arange(start_pos, start_pos + x.shape[0]))
+        q, k, v = self._qkv(x, torch.arange(start_pos, start_pos + x.shape[0], device=x.device))
         return self.o_proj(self._attend_one(q, k, v, start_pos, cache))
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: dict | None = None
@@ -154,7 +155,8 @@ class GQAttention(nn.Module):
         return self.o_proj(meta.attend_gqa(layer_id, q, self.scale, self.window))
 
     def _forward_per_seq(self, x: torch.Tensor, seqs: Sequence[Any], layer_id: int) -> torch.Tensor:
-        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.num_tokens) for s in seqs])  # [N]
+        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.num_tokens, device=x.device)
+                               for s in seqs])  # [N]
         q, k, v = self._qkv(x, positions)
         outs, off = [], 0
         for s in seqs:
@@ -172,7 +174,7 @@ class GQAttention(nn.Module):
         end = start_pos + n
         lo = max(0, start_pos - self.window + 1) if self.window else 0
         keys, values = cache.read("k", lo, end), cache.read("v", lo, end)
-        return attend(q, keys, values, causal_mask(start_pos, n, lo, end, self.window), self.scale)
+        return attend(q, keys, values, causal_mask(start_pos, n, lo, end, self.window, q.device), self.scale)
 
 
 class MLAttention(nn.Module):
@@ -237,7 +239,7 @@ class MLAttention(nn.Module):
         n = x.shape[0]
         q, latent, k_rot = self._project(x)  # [n, H, nope + R], [n, r], [n, R]
         q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
-        cos, sin = self.rotary.cos_sin(torch.arange(start_pos, start_pos + n))
+        cos, sin = self.rotary.cos_sin(torch.arange(start_pos, start_pos + n, device=x.device))
         q_rot = self.rotary.apply(q_rot, cos, sin)
         k_rot = self.rotary.apply(k_rot, cos, sin)  # [n, R]
         cache.write("latent", start_pos, latent)
@@ -248,7 +250,7 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
         k = torch.cat([k_nope, krot_all[:, None, :].expand(end, self.h, self.rope_dim)], dim=-1)
         qf = torch.cat([q_nope, q_rot], dim=-1)
-        out = attend(qf, k, v, causal_mask(start_pos, n, 0, end, 0), self.scale)
+        out = attend(qf, k, v, causal_mask(start_pos, n, 0, end, 0, qf.device), self.scale)
         return self.o_proj(out)
 
     def forward_batch(self, x: torch.Tensor, seqs: Sequence[Any], layer_id: int) -> torch.Tensor:

@@ -45,21 +45,23 @@ def fuse_projections(model: nn.Module) -> int:
     return len(mods)
 
 
-def cast_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def cast_dense(model: nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> nn.Module:
     """Prepare a dense part for serving (mutates it): fused projections (fuse_projections) in every dtype, and
-    parameters held in `dtype` except the routers' (buffers such as rotary frequencies stay fp32). Raises ValueError
-    for a family that only runs in float32."""
+    parameters held in `dtype` except the routers' (buffers such as rotary frequencies stay fp32). With `device`,
+    parameters and buffers move there, each parameter cast on its way (the device never holds an fp32 copy of a
+    bf16 model). Raises ValueError for a family that only runs in float32."""
     if dtype != torch.float32 and not getattr(model, "reduced_precision", False):
         raise ValueError(f"{type(model).__name__} runs in float32 only: set dtype: float32")
     fuse_projections(model)
-    if dtype == torch.float32:
+    if dtype == torch.float32 and device is None:
         return model
     # the router stays fp32 (a few KB per layer): the gate logits decide which experts run, and a bf16-rounded
     # gate weight flips near-tied choices against the fp32 reference
     routers = {id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters()}
     for p in model.parameters():
-        if id(p) not in routers:
-            p.data = p.data.to(dtype)
+        p.data = p.data.to(device=device, dtype=None if id(p) in routers else dtype)
+    if device is not None:
+        model.to(device)  # the buffers (parameters are there already)
     if dtype == torch.bfloat16:
         pack_linears(model)  # oneDNN's pre-packed bf16 GEMMs (models/layers.py)
     return model

@@ -40,10 +40,11 @@ def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
-def window_mask(start_pos: int, n: int, key_start: int, key_end: int, window: int) -> torch.Tensor:
-    """Bool [n, L]: query t sees raw key k iff k <= t and t - k < window."""
-    q = torch.arange(start_pos, start_pos + n)[:, None]
-    k = torch.arange(key_start, key_end)[None, :]
+def window_mask(start_pos: int, n: int, key_start: int, key_end: int, window: int,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool [n, L] on `device`: query t sees raw key k iff k <= t and t - k < window."""
+    q = torch.arange(start_pos, start_pos + n, device=device)[:, None]
+    k = torch.arange(key_start, key_end, device=device)[None, :]
     return (k <= q) & (q - k < window)
 
 
@@ -95,7 +96,7 @@ class V4Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int, cache: LayerCache) -> torch.Tensor:  # [n, D] -> [n, D]
         """One sequence's new tokens over its cache."""
-        positions = torch.arange(start_pos, start_pos + x.shape[0])
+        positions = torch.arange(start_pos, start_pos + x.shape[0], device=x.device)
         p = self._project(x, positions)
         out = self._attend(p, slice(0, x.shape[0]), start_pos, cache)
         return self._output(out, p.cos, p.sin)
@@ -105,7 +106,8 @@ class V4Attention(nn.Module):
         compressors' and the indexer's inputs, the output) runs once over all N tokens; each sequence then
         writes and reads its own cache and attends over its window plus its compressed rows (CSA: only the
         top-k rows its indexer picked, gathered)."""
-        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.num_tokens) for s in seqs])  # [N]
+        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.num_tokens, device=x.device)
+                               for s in seqs])  # [N]
         p = self._project(x, positions)
         outs, off = [], 0
         for s in seqs:
@@ -136,12 +138,12 @@ class V4Attention(nn.Module):
         keys = cache.read("kv", lo, end).to(q.dtype)  # [Lw, Dh]
         qh = q.transpose(0, 1)  # [H, n, Dh]
         logits = (torch.matmul(qh, keys.t()) * self.scale).masked_fill(
-            ~window_mask(start_pos, n, lo, end, self.window), float("-inf"))  # [H, n, Lw]
+            ~window_mask(start_pos, n, lo, end, self.window, q.device), float("-inf"))  # [H, n, Lw]
         if self.compressor is None:
             return self._sink_mix([logits], [keys])
         rows = self.compressor.update_raw(p.comp[sl], start_pos, cache, "comp")  # [T, Dh]
         if self.indexer is None:  # HCA: every complete compressed row
-            seen = visible_rows(start_pos, n, rows.shape[0], self.compressor.rate)  # [n, T]
+            seen = visible_rows(start_pos, n, rows.shape[0], self.compressor.rate, q.device)  # [n, T]
             comp = (torch.matmul(qh, rows.t()) * self.scale).masked_fill(~seen, float("-inf"))
             return self._sink_mix([logits, comp], [keys, rows])
         ids, valid = self.indexer.select_ids(p.index[sl], p.iq[sl], p.iw[sl], start_pos, cache)  # [n, k]

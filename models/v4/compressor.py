@@ -81,14 +81,16 @@ class Compressor(nn.Module):
             has_prev = self.overlap and w0 > 0
             raw = cache.read(f"{name}_raw", (w0 - int(has_prev)) * m, w1 * m)  # [L, 2, c*d]
             rows = self.kv_norm(pool_windows(raw[:, 0], raw[:, 1], self.position_bias, m, self.overlap, has_prev))
-            cos, sin = self.rotary.cos_sin(torch.arange(w0, w1) * m)
+            cos, sin = self.rotary.cos_sin(torch.arange(w0, w1, device=raw.device) * m)
             cache.write(name, w0, V4Rotary.apply(rows, cos, sin))
         if w1 == 0:
             return raw_new.new_zeros(0, self.dim)
         return cache.read(name, 0, w1).to(raw_new.dtype)
 
 
-def visible_rows(start_pos: int, n: int, num_rows: int, rate: int) -> torch.Tensor:
-    """Bool [n, T]: query start_pos + i sees compressed row w iff its window is complete (w < (t+1) // m)."""
-    limit = (torch.arange(start_pos, start_pos + n) + 1) // rate
-    return torch.arange(num_rows)[None, :] < limit[:, None]
+def visible_rows(start_pos: int, n: int, num_rows: int, rate: int,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool [n, T] on `device`: query start_pos + i sees compressed row w iff its window is complete
+    (w < (t+1) // m)."""
+    limit = (torch.arange(start_pos, start_pos + n, device=device) + 1) // rate
+    return torch.arange(num_rows, device=device)[None, :] < limit[:, None]

@@ -40,13 +40,13 @@ class Indexer(Compressor):
         n = x.shape[0]
         keys = self.update(x, start_pos, cache, "index")  # [T, Di]
         t = keys.shape[0]
-        visible = visible_rows(start_pos, n, t, self.rate)  # [n, T]
+        visible = visible_rows(start_pos, n, t, self.rate, keys.device)  # [n, T]
         if t == 0:
             return visible
         scores = self.scores(x, q_residual, start_pos, keys).masked_fill(~visible, float("-inf"))
         ids = topk_lowest_index(scores, min(self.topk, t))  # [n, k]
         ids = torch.where(visible.gather(1, ids), ids, t)  # picks past the visible rows go to a dummy column
-        chosen = torch.zeros(n, t + 1, dtype=torch.bool).scatter_(1, ids, True)
+        chosen = torch.zeros(n, t + 1, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
         return chosen[:, :t]
 
     def select_ids(self, raw_new: torch.Tensor, q: torch.Tensor, w: torch.Tensor, start_pos: int,
@@ -60,9 +60,10 @@ class Indexer(Compressor):
         n = q.shape[0]
         keys = self.update_raw(raw_new, start_pos, cache, "index")  # [T, Di]
         t = keys.shape[0]
-        visible = visible_rows(start_pos, n, t, self.rate)  # [n, T]
+        visible = visible_rows(start_pos, n, t, self.rate, keys.device)  # [n, T]
         if t == 0:
-            return torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, 0, dtype=torch.bool)
+            return (torch.zeros(n, 0, dtype=torch.long, device=keys.device),
+                    torch.zeros(n, 0, dtype=torch.bool, device=keys.device))
         s = F.relu(torch.matmul(q.float(), keys.float().t())) * self.head_dim**-0.5  # [n, Hi, T]
         scores = (s * w[..., None]).sum(dim=1).masked_fill(~visible, float("-inf"))
         ids = topk_lowest_index(scores, min(self.topk, t))  # [n, k]
@@ -79,7 +80,7 @@ class Indexer(Compressor):
     def scores(self, x: torch.Tensor, q_residual: torch.Tensor, start_pos: int, keys: torch.Tensor) -> torch.Tensor:
         """Index scores [n, T] (fp32) of the queries at start_pos.. against the compressed keys [T, Di]."""
         n = x.shape[0]
-        cos, sin = self.rotary.cos_sin(torch.arange(start_pos, start_pos + n))
+        cos, sin = self.rotary.cos_sin(torch.arange(start_pos, start_pos + n, device=x.device))
         q = V4Rotary.apply(self.q_b_proj(q_residual).view(n, self.num_heads, self.head_dim), cos, sin)
         s = F.relu(torch.matmul(q.float(), keys.float().t())) * self.head_dim**-0.5  # [n, Hi, T]
         w = self.weights_proj(x).float() * self.num_heads**-0.5  # [n, Hi]

@@ -60,3 +60,14 @@ def test_an_actor_bigger_than_any_node_is_named():
     cfg = ServeConfig(gating_num_cpus=4.0)
     why = shortfall(cfg, ActorCounts(2, 1, 0), {"CPU": 6.0}, [{"CPU": 3.0}])
     assert "4 CPUs" in why and "no node" in why
+
+
+def test_gating_accelerators_count_with_the_experts_and_are_named():
+    cfg = ServeConfig(num_expert_groups=2, device="gpu", gating_device="gpu", num_gating_actors=2)
+    why = shortfall(cfg, ActorCounts(2, 2, 0), {"CPU": 8.0, "GPU": 3.0}, [])
+    assert "2 expert actors" in why and "2 gating actors" in why and "4 GPUs" in why
+    assert "num_gating_actors" in why and "gating_device: cpu" in why
+    assert shortfall(cfg, ActorCounts(2, 2, 0), {"CPU": 8.0, "GPU": 4.0}, []) is None
+    npu = ServeConfig(gating_device="npu")  # experts on the CPU, the gating actor on an NPU
+    assert "1 NPUs" in shortfall(npu, ActorCounts(2, 1, 0), {"CPU": 8.0}, [])
+    assert shortfall(npu, ActorCounts(2, 1, 0), {"CPU": 8.0, "NPU": 1.0}, []) is None
