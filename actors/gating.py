@@ -192,7 +192,9 @@ class GatingActor:
                   tensor_transport=getattr(self.transport, "tensor_transport", "object_store"),
                   transport_stats=dict(getattr(self.transport, "stats", {})),
                   device=str(self.engine.device), placement=self.config.gating_device,
-                  dtype=str(self.dtype).removeprefix("torch."))
+                  dtype=str(self.dtype).removeprefix("torch."),
+                  accelerator_ids={k: list(v) for k, v in ray.get_runtime_context().get_accelerator_ids().items()
+                                   if v})
         return st
 
     async def set_kv_shards(self, shards: dict[str, Any]) -> int:
