@@ -19,7 +19,7 @@ from torch import nn
 
 from moeray.kvstore.spec import LayerCacheSpec, gqa_spec, mla_spec
 from moeray.models.config import ModelConfig
-from moeray.models.layers import RMSNorm, Rotary, _yarn_mscale
+from moeray.models.layers import RMSNorm, Rotary, _yarn_mscale, rms_norm
 from moeray.models.paged_attention import paged_batch
 
 
@@ -123,24 +123,20 @@ class GQAttention(nn.Module):
     def _qkv_fused(self, x: torch.Tensor, positions: torch.Tensor, rope: dict | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`_qkv` after fuse_projections: one GEMM, q and k normalised together ([N, H + Hkv, Dh] with stacked
-        per-head weights) and rotated together. RoPE as x * cos + swap_halves(x) * sin', where sin' carries the
-        rotation's sign (-sin on the first half): the same products as rotate_half without the negation op."""
+        per-head weights) and rotated together by Rotary.apply_signed (the step's signed tables shared by every
+        layer): the same products as `_qkv`'s rotate_half without its negation op."""
         n, h, hkv, dh = x.shape[0], self.h, self.hkv, self.dh
         qkv = self.qkv_proj(x).view(n, h + 2 * hkv, dh)
         qk, v = qkv[:, :h + hkv], qkv[:, h + hkv:]
         if self.q_norm is not None:
-            qk = F.rms_norm(qk, (dh,), None, self.q_norm.eps) * self.qk_norm_weight
+            qk = rms_norm(qk, None, self.q_norm.eps) * self.qk_norm_weight
         key = ("signed", self.rotary.key, qk.dtype)
         cs = None if rope is None else rope.get(key)
-        half = dh // 2
         if cs is None:
-            cos, sin = self.rotary.cos_sin(positions)  # [N, Dh] fp32
-            sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-            cs = cos.to(qk.dtype)[:, None], sin.to(qk.dtype)[:, None]  # [N, 1, Dh]
+            cs = self.rotary.signed_cos_sin(positions, qk.dtype)  # [N, 1, Dh] each
             if rope is not None:
                 rope[key] = cs
-        cos, sin = cs
-        qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
+        qk = self.rotary.apply_signed(qk, *cs)
         return qk[:, :h], qk[:, h:], v
 
     def forward_batch(self, x: torch.Tensor, seqs: Sequence[Any], layer_id: int) -> torch.Tensor:

@@ -146,20 +146,37 @@ class PagedBatch:
             q.shape[0], q.shape[1] * q.shape[2])
         for g in self.groups:
             k, v = self.gather(layer_id, "k", g), self.gather(layer_id, "v", g)  # [S, L, Hkv, Dh]
-            qg = q[g.q_rows]  # [S, n, H, Dh]
             if g.q_rows.shape == (1, 1) and not window:  # one decode query sees exactly its first `context` rows
                 k, v, mask = k[:, :g.context], v[:, :g.context], None
             else:
                 mask = self.mask(g, pid, window)
-            o = F.scaled_dot_product_attention(qg.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=mask, scale=scale, enable_gqa=True)  # [S, H, n, Dh]
-            o = o.transpose(1, 2).reshape(-1, q.shape[1] * q.shape[2])  # [S * n, H * Dh]
+            if g.q_rows.shape[1] == 1:
+                o = _decode_sdpa(q, g.q_rows, k, v, mask, scale)
+            else:
+                qg = q[g.q_rows]  # [S, n, H, Dh]
+                o = F.scaled_dot_product_attention(qg.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   attn_mask=mask, scale=scale, enable_gqa=True)  # [S, H, n, Dh]
+                o = o.transpose(1, 2).reshape(-1, q.shape[1] * q.shape[2])  # [S * n, H * Dh]
             if g.q_rows.shape[1] == 1 and hasattr(c, "batched_decode_calls"):
                 c.batched_decode_calls += 1
             if out is None:
                 return o
             out.index_copy_(0, g.out_rows, o if g.valid is None else o[g.valid])
         return out
+
+
+def _decode_sdpa(q: torch.Tensor, q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 scale: float) -> torch.Tensor:
+    """One query per sequence: q [N, H, Dh] (rows q_rows [S, 1]), k/v [S, L, Hkv, Dh], mask [S, 1, 1, L] or None
+    -> [S, H * Dh]. The G = H / Hkv query heads sharing a KV head attend as one block of G queries (none of them
+    causal to another: they share a position), so SDPA runs S * Hkv problems of G rows instead of S * H of one
+    row and reads each KV head once (1.2x the enable_gqa form at B = 64, measured with bf16 on AMX). Query head h
+    uses KV head h // G, as in transformers' repeat_kv; the same dot products, summed in another order."""
+    s, hkv = k.shape[0], k.shape[2]
+    h, dh = q.shape[1], q.shape[2]
+    qd = q.index_select(0, q_rows.view(-1)).view(s, hkv, h // hkv, dh)  # [S, Hkv, G, Dh]
+    o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return o.reshape(s, h * dh)  # [S, Hkv, G, Dh] -> [S, H * Dh]
 
 
 def paged_batch(seqs: Sequence[Any], device: torch.device) -> PagedBatch | None:
