@@ -3,6 +3,8 @@ torch_npu it fails with a clear error unless CPU fallback is allowed. A gating a
 is granted the node's (fake) GPU / NPU, computes on the CPU under allow_cpu_fallback (this torch has no CUDA) and
 reports its device, placement and dtype."""
 
+import asyncio
+
 import pytest
 import ray
 from support.cluster import local_cluster
@@ -10,9 +12,12 @@ from support.teacher import assert_teacher_forced
 from support.tiny_models import build, load_hf
 from support.waiting import wait_for
 
+from moeray.actors.backend import DeploymentBackend
 from moeray.actors.deploy import deploy
 from moeray.actors.devices import actor_options, torch_device
 from moeray.actors.expert import make_expert_actor
+from moeray.actors.frontend_wire import status_to_proto
+from moeray.clients.messages import status_from_proto
 from moeray.common import SamplingParams
 from moeray.common.config import ServeConfig
 from moeray.common.errors import ConfigError
@@ -83,6 +88,10 @@ def test_gating_actor_is_granted_its_accelerator_and_reports_device_and_dtype(cl
         assert g["node_id"] in _nodes_with(resource)
         assert g["accelerator_ids"].get(resource) == ["0"]
         assert (g["placement"], g["device"], g["dtype"]) == (gating_device, "cpu", "float32")  # CPU fallback here
+        # what `moeray status` prints: the front end's status through the wire
+        cluster = status_from_proto(status_to_proto(asyncio.run(DeploymentBackend(dep, 0).status())))
+        gating = [a for a in cluster.actors if a.kind == "gating"]
+        assert [(a.device, a.details["dtype"]) for a in gating] == [("cpu", "float32")]
         prompts = [[1, 2, 3, 4, 5], list(range(10, 40))]
         params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 2
         assert_teacher_forced(load_hf(fam), prompts, params, dep.generate(prompts, params))
