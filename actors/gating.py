@@ -93,10 +93,12 @@ class GatingActor:
             from moeray.actors.rdt import RdtTransport, tensor_transport_of
             from moeray.actors.transport import RayTransport
 
-            # rows travel in the experts' compute dtype (resolved for their device, as the expert actors do)
+            # rows travel in the experts' compute dtype (resolved for their device, as the expert actors do). The
+            # calls overlap the engine's compute when the two do not share CPU cores: experts or engine on a device
             kwargs = dict(call_timeout_s=self.config.expert_call_timeout_s,
                           wire_dtype=resolve_dtype(self.config.dtype, device_type(self.config.device)),
-                          overlaps=self.config.device != "cpu", dead_grace_s=30.0 if self.config.controller else 0.0)
+                          overlaps=self.config.device != "cpu" or torch.device(self.device).type != "cpu",
+                          dead_grace_s=30.0 if self.config.controller else 0.0)
             tensor_transport = tensor_transport_of(self.config, torch.device(self.device).type)
             transport = (RayTransport(dict(expert_actors), self.table, **kwargs) if tensor_transport == "object_store"
                          else RdtTransport(dict(expert_actors), self.table, tensor_transport, **kwargs))

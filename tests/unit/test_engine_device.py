@@ -7,6 +7,7 @@ of the step path is created on the engine's device or explicitly on the host."""
 import pytest
 import torch
 from support.tiny_models import FAMILIES, build
+from support.tiny_v4 import build as build_v4
 
 from moeray.common import SamplingParams
 from moeray.common.config import ServeConfig
@@ -47,6 +48,22 @@ def run(eng: Engine, default_device: str | None = None):
 def test_no_step_tensor_lands_on_the_default_device(family):
     eng = engine_for(family)
     assert run(eng, "meta") == run(eng)
+
+
+@pytest.mark.parametrize(("name", "block_size"), [("a", 16), ("b", 12)])
+def test_no_v4_step_tensor_lands_on_the_default_device(name, block_size):
+    ref = ReferenceModel.from_pretrained(build_v4(name), num_expert_groups=1)
+    table = RoutingTable.round_robin(list(ref.cfg.moe_layers), ref.cfg.num_experts, 1)
+    eng = Engine(ref.dense, LocalTransport({0: ref.groups[0]}, table),
+                 EngineConfig(num_blocks=64, block_size=block_size), device="cpu")
+    prompts, sp = [list(range(2, 60)), [7, 8, 9]], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = [o.token_ids for o in eng.generate(prompts, sp)]
+    torch.set_default_device("meta")  # compressed rows, the indexer's top-k, sliding windows
+    try:
+        got = [o.token_ids for o in eng.generate(prompts, sp)]
+    finally:
+        torch.set_default_device(None)
+    assert got == want
 
 
 def test_micro_batches_and_a_dispatch_plan_stay_on_the_engine_device():
