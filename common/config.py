@@ -98,7 +98,7 @@ class ServeConfig(BaseModel):
     # Forcing nixl on CPU actors is a test/diagnostic setting (same code path, CPU memory over UCX).
     tensor_transport: Literal["auto", "object_store", "nixl"] = "auto"
     # micro-batches per step, run as a ping-pong (one's attention while another's experts run); 0: chosen per
-    # step (2 for 8+ sequences when the experts are on accelerators, else 1)
+    # step (2 for 8+ sequences when the experts or the gating engine are on accelerators, else 1)
     micro_batches: int = Field(0, ge=0, le=8)
     block_size: int = Field(16, ge=1)
     kv_cache_blocks: int = Field(1024, ge=1)
