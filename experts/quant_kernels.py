@@ -27,7 +27,10 @@ from moeray.experts.quant_formats import e2m1_lut, scale_to_float
 
 try:
     import numba
+    from llvmlite import ir as _llvm_ir
     from numba import prange
+    from numba import types as _nb_types
+    from numba.extending import intrinsic as _intrinsic
 except ImportError:  # pragma: no cover - numba is a dependency; the tile path still works without it
     numba, prange = None, range
 
@@ -141,24 +144,43 @@ def _mxfp4_f32_kernel(r0, r1, codes, scales, e8m0, pairs, out):  # rows r0:r1 of
 
 
 def _mxfp4_bf16_kernel(r0, r1, codes, scales, e8m0, pairs, out):  # rows r0:r1 of W -> out [r1 - r0, K] bf16 bits
-    fast = True  # integer decode unless a scale byte would leave bf16's normal range (never on the hub)
+    # 16-bit lanes throughout (numba types integer arithmetic as int64 unless every step is cast back: 64-bit
+    # lanes measured 2.5x slower); per nibble m = code & 7 the bits are a + 64 m + 64 min(m, 2) (0 for m = 0)
+    # with a = (s << 7) - 0x100: e2m1's 0.5 (m = 1) is 0x3F00 + (s - 127) << 7, m >= 2 adds 64 per code step.
+    # Rows with a scale byte that would leave bf16's normal range (never on the hub) are redone by the table
+    # afterwards (a branch inside this loop measured 1.35x slower).
+    u16 = np.uint16
+    z, c2, c7, c8, c80 = u16(0), u16(2), u16(7), u16(8), u16(0x80)
+    for ch in prange((r1 - r0 + CHUNK_ROWS - 1) // CHUNK_ROWS):
+        for r in range(r0 + ch * CHUNK_ROWS, min(r1, r0 + ch * CHUNK_ROWS + CHUNK_ROWS)):
+            for g in range(scales.shape[1]):
+                a = u16(u16(u16(scales[r, g]) << u16(7)) - u16(0x100))
+                for j in range(16):
+                    b = u16(codes[r, g * 16 + j])
+                    lo = u16(b & c7)
+                    hi = u16(u16(b >> u16(4)) & c7)
+                    vl = u16(u16(a + u16(lo << u16(6))) + u16(min(lo, c2) << u16(6)))
+                    vh = u16(u16(a + u16(hi << u16(6))) + u16(min(hi, c2) << u16(6)))
+                    vl = vl if lo != z else z
+                    vh = vh if hi != z else z
+                    out[r - r0, g * 32 + 2 * j] = u16(vl | u16(u16(b & c8) << u16(12)))
+                    out[r - r0, g * 32 + 2 * j + 1] = u16(vh | u16(u16(b & c80) << u16(8)))
+    buf = np.empty((1, out.shape[1]), np.float32)
     for r in range(r0, r1):
+        fast = True
         for g in range(scales.shape[1]):
-            fast = fast and E8M0_BITS_MIN <= scales[r, g] <= E8M0_BITS_MAX
-    pairs_out = out.view(np.uint32)  # one 32-bit store per byte: its two bf16 values (measured 1.2x two stores)
+            fast &= E8M0_BITS_MIN <= scales[r, g] <= E8M0_BITS_MAX
+        if not fast:
+            _mxfp4_row(codes, scales, r, e8m0, pairs, buf, 0)
+            _to_bf16(buf, out, r - r0)
+
+
+def _mxfp4_bf16_table_kernel(r0, r1, codes, scales, e8m0, pairs, out):  # the same, by the f32 table (reference)
     for ch in prange((r1 - r0 + CHUNK_ROWS - 1) // CHUNK_ROWS):
         buf = np.empty((1, out.shape[1]), np.float32)
         for r in range(r0 + ch * CHUNK_ROWS, min(r1, r0 + ch * CHUNK_ROWS + CHUNK_ROWS)):
-            if not fast:
-                _mxfp4_row(codes, scales, r, e8m0, pairs, buf, 0)
-                _to_bf16(buf, out, r - r0)
-                continue
-            for g in range(scales.shape[1]):
-                adj = (np.int32(scales[r, g]) - 127) << 7
-                for j in range(16):
-                    b = np.int32(codes[r, g * 16 + j])
-                    pairs_out[r - r0, g * 16 + j] = (np.uint32(_e2m1_bf16(b & 15, adj))
-                                                     | (np.uint32(_e2m1_bf16(b >> 4, adj)) << 16))
+            _mxfp4_row(codes, scales, r, e8m0, pairs, buf, 0)
+            _to_bf16(buf, out, r - r0)
 
 
 def _fp8_tile_kernel(lut_fill, lut_dtype):
@@ -180,10 +202,66 @@ def _fp8_tile_kernel(lut_fill, lut_dtype):
     return decode
 
 
-def _jit_kernel(fn, name: str, parallel: bool):
+def _fp8_arith_kernel(to_bf16):
+    """rows r0:r1 of an fp8 W -> out (bf16 bits u16 or float32 bits u32) by arithmetic on 32-bit lanes, no table:
+    the code's 7 magnitude bits shifted to a float32's exponent/mantissa position are its value times 2^-120
+    (e4m3's subnormals land on float32 subnormals), so one multiply by scale x 2^120 gives value x scale, rounded
+    once as `w.float() * scale` rounds (needs no denormals-are-zero; the caller checks). Blocks whose scale
+    x 2^120 overflows (scale >= 2^8) take two multiplies (x 2^120: the value, exact; then x scale; compiled
+    without fastmath, which would fold them into one). The sign is OR-ed in after
+    rounding, NaN codes (0x7F, 0xFF) by a select. 1-D row slices: 2-D indexing here is not vectorized."""
+    def decode(r0, r1, codes, scales, block, out):
+        bo, bi = block[0], block[1]
+        k = codes.shape[1]
+        c7f, c80 = np.int32(0x7F), np.int32(0x80)
+        for ch in prange((r1 - r0 + CHUNK_ROWS - 1) // CHUNK_ROWS):
+            for r in range(r0 + ch * CHUNK_ROWS, min(r1, r0 + ch * CHUNK_ROWS + CHUNK_ROWS)):
+                band = r // bo
+                for kb in range(scales.shape[1]):
+                    j0 = kb * bi
+                    n = min(k, j0 + bi) - j0
+                    c = codes[r, j0:j0 + n]
+                    o = out[r - r0, j0:j0 + n]
+                    sc = np.float32(scales[band, kb])
+                    pre, post = np.float32(1.0), np.float32(sc * np.float32(2.0**120))
+                    if not post < np.float32(3e38):  # scale >= 2^8 (or inf/NaN): the code's value, then x scale
+                        pre, post = np.float32(2.0**120), sc
+                    for j in range(n):
+                        b = np.int32(c[j])
+                        mag = np.int32(b & c7f)
+                        f = np.float32(np.float32(_as_f32(np.int32(mag << np.int32(20))) * pre) * post)
+                        u = _as_i32(f)
+                        if to_bf16:  # round to nearest even, then the sign bit 15
+                            v = np.int32(np.int32(u + np.int32(np.int32(0x7FFF) + np.int32(np.int32(u >> np.int32(16))
+                                                                                     & np.int32(1)))) >> np.int32(16))
+                            v = np.int32(0x7FC0) if mag == c7f else v
+                            o[j] = np.uint16(np.int32(v | np.int32(np.int32(b & c80) << np.int32(8))))
+                        else:
+                            v = np.int32(0x7FC00000) if mag == c7f else u
+                            o[j] = np.uint32(np.int32(v | np.int32(np.int32(b & c80) << np.int32(24))))
+    return decode
+
+
+def _bitcast_intrinsics():
+    """Scalar int32 <-> float32 bit casts for numba (an LLVM bitcast, vectorized like any other op)."""
+    @_intrinsic
+    def as_f32(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _llvm_ir.FloatType())
+        return _nb_types.float32(_nb_types.int32), codegen
+
+    @_intrinsic
+    def as_i32(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _llvm_ir.IntType(32))
+        return _nb_types.int32(_nb_types.float32), codegen
+    return as_f32, as_i32
+
+
+def _jit_kernel(fn, name: str, parallel: bool, fastmath: bool = True):
     # a distinct name per (kernel, parallel): numba's on-disk cache is keyed by name and signature only
     fn.__qualname__ = f"{name}_{'parallel' if parallel else 'serial'}"
-    return numba.njit(parallel=parallel, fastmath=True, cache=True)(fn)
+    return numba.njit(parallel=parallel, fastmath=fastmath, cache=True)(fn)
 
 
 _KERNELS: dict[tuple[str, bool], dict] = {}
@@ -195,15 +273,20 @@ if numba is not None:
     _dots = _inline(_dots_py)
     _fp8_lut_f32 = _inline(_fp8_band_lut_f32_py)
     _fp8_lut_bf16 = _inline(_fp8_band_lut_bf16_py)
+    _as_f32, _as_i32 = _bitcast_intrinsics()
     for _par in (False, True):
         _KERNELS[("mxfp4", _par)] = {
             "gemv": _jit_kernel(_mxfp4_gemv_kernel, "gemv_mxfp4", _par),
             "f32": _jit_kernel(_mxfp4_f32_kernel, "decode_f32_mxfp4", _par),
-            "bf16": _jit_kernel(_mxfp4_bf16_kernel, "decode_bf16_mxfp4", _par)}
+            "bf16": _jit_kernel(_mxfp4_bf16_kernel, "decode_bf16_mxfp4_u16lanes", _par),
+            "bf16_table": _jit_kernel(_mxfp4_bf16_table_kernel, "decode_bf16_mxfp4_table", _par)}
         _KERNELS[("fp8", _par)] = {
             "gemv": _jit_kernel(_fp8_gemv_kernel, "gemv_fp8", _par),
-            "f32": _jit_kernel(_fp8_tile_kernel(_fp8_lut_f32, np.float32), "decode_f32_fp8", _par),
-            "bf16": _jit_kernel(_fp8_tile_kernel(_fp8_lut_bf16, np.uint16), "decode_bf16_fp8", _par)}
+            "f32_table": _jit_kernel(_fp8_tile_kernel(_fp8_lut_f32, np.float32), "decode_f32_fp8", _par),
+            "bf16_table": _jit_kernel(_fp8_tile_kernel(_fp8_lut_bf16, np.uint16), "decode_bf16_fp8", _par),
+            # no fastmath: it would fold the two multiplies of large-scale blocks into one (overflowing)
+            "f32": _jit_kernel(_fp8_arith_kernel(False), "decode_f32_fp8_arith", _par, fastmath=False),
+            "bf16": _jit_kernel(_fp8_arith_kernel(True), "decode_bf16_fp8_arith", _par, fastmath=False)}
 
 
 def _threads() -> int:
@@ -213,11 +296,26 @@ def _threads() -> int:
     return threads
 
 
+def _scale_f32(scale: torch.Tensor) -> np.ndarray:
+    """A stored fp8 block-scale tensor as float32 numpy (e8m0 bytes through the 256-entry table: torch's
+    conversion is several ops per call)."""
+    if scale.dtype in (torch.float8_e8m0fnu, torch.uint8):
+        return E8M0_LUT[scale.contiguous().view(torch.uint8).numpy()]
+    return scale.float().contiguous().numpy()
+
+
 def _args(fmt: str, codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> tuple:
     c = codes.view(torch.uint8).numpy()
     if fmt == "mxfp4":
         return (c, scale.view(torch.uint8).numpy(), E8M0_LUT, E2M1_PAIRS)
-    return (c, scale_to_float(scale).contiguous().numpy(), np.array(block, dtype=np.int64), E4M3_LUT)
+    return (c, _scale_f32(scale), np.array(block, dtype=np.int64), E4M3_LUT)
+
+
+def denormals_kept() -> bool:
+    """Whether this thread's float unit keeps denormal inputs (no DAZ: a library built with -ffast-math, or
+    torch.set_flush_denormal(True), can turn it on); the fp8 arithmetic decode needs them, else the table one."""
+    tiny = np.array([2.0**-140], dtype=np.float32)  # an array op: numpy's scalar path may not use the FPU's mode
+    return bool((tiny * np.float32(2.0**20))[0] == np.float32(2.0**-120))
 
 
 def gemv_packed(x: torch.Tensor, fmt: str, codes: torch.Tensor, scale: torch.Tensor,
@@ -232,14 +330,23 @@ def gemv_packed(x: torch.Tensor, fmt: str, codes: torch.Tensor, scale: torch.Ten
 
 
 def decode_rows(fmt: str, codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, r0: int,
-                r1: int, out: torch.Tensor) -> None:
-    """Rows r0:r1 of a packed W, dequantized into out [r1 - r0, K] (float32 or bfloat16, contiguous): a table
+                r1: int, out: torch.Tensor, kernel: str = "auto") -> None:
+    """Rows r0:r1 of a packed W, dequantized into out [r1 - r0, K] (float32 or bfloat16, contiguous): a code
     value times its scale, the same products as experts/quant_formats' dequantizers (bfloat16: rounded to
-    nearest even, as `.to(torch.bfloat16)` rounds)."""
+    nearest even, as `.to(torch.bfloat16)` rounds). `kernel`: "auto" (bf16: the vectorized integer decode for
+    mxfp4, the arithmetic one for fp8 where denormals are kept; fp32: the arithmetic one for fp8, the table for
+    mxfp4) or "table" (every weight through a 256-entry table: the first kernels, kept as the reference)."""
     if out.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"decode_rows writes float32 or bfloat16 tiles, not {out.dtype}")
+    if kernel not in ("auto", "table"):
+        raise ValueError(f"decode_rows kernel must be 'auto' or 'table', not {kernel!r}")
     kernels = _KERNELS[(fmt, _threads() > 1)]
-    if out.dtype == torch.float32:
-        kernels["f32"](r0, r1, *_args(fmt, codes, scale, block), out.numpy())
+    name = "f32" if out.dtype == torch.float32 else "bf16"
+    args = _args(fmt, codes, scale, block)
+    dst = out.numpy() if out.dtype == torch.float32 else out.view(torch.uint16).numpy()
+    if fmt == "fp8" and (kernel == "table" or not denormals_kept()):
+        kernels[name + "_table"](r0, r1, *args, dst)
+    elif fmt == "fp8":
+        kernels[name](r0, r1, *args[:3], dst.view(np.uint32) if name == "f32" else dst)
     else:
-        kernels["bf16"](r0, r1, *_args(fmt, codes, scale, block), out.view(torch.uint16).numpy())
+        kernels[name + "_table" if kernel == "table" and name == "bf16" else name](r0, r1, *args, dst)

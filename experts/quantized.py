@@ -162,14 +162,43 @@ class PackedExpertGroup:
 
     def _expert(self, xs: torch.Tensor, ex: PackedExpert) -> torch.Tensor:
         """xs [c, D] -> [c, D]: clamped SwiGLU with every GEMM computed from packed weights."""
-        c = xs.shape[0]
-        if self.path(c) == "tile" and c <= self._small_rows:
-            # few rows: MKL's / oneDNN's fast form is W @ x.t() (as in ExpertGroup); staying in that transposed
-            # layout through the expert leaves one transpose, at the end
-            xt = xs.to(self._tile_dtype).t()  # [D, c]
-            act = self._act(self._w_at(ex.w1, xt), self._w_at(ex.w3, xt))  # [I, c]
-            return self._w_at(ex.w2, act).t().to(self.dtype)  # (made row-major by forward's torch.cat)
+        if self.path(xs.shape[0]) == "tile":
+            return self._expert_tiles(xs, ex)
         return self._linear(self._act(self._linear(xs, ex.w1), self._linear(xs, ex.w3)), ex.w2)
+
+    def _expert_tiles(self, xs: torch.Tensor, ex: PackedExpert) -> torch.Tensor:
+        """The tile path: rows r0:r1 of w1 and of w3 decoded into one tile [2n, D], one library GEMM for gate and
+        up, the activation written into its rows of act [I, c]; then w2 tile by tile. Few rows (c <= the
+        small-rows limit): in the W @ x.t() layout MKL / oneDNN run fastest for few rows (W is the GEMM's row-major
+        A operand, not reordered per call), transposed once at the end; more rows: x @ W.t()."""
+        c, small = xs.shape[0], xs.shape[0] <= self._small_rows
+        xt = xs.to(self._tile_dtype)
+        act = torch.empty((self.inter, c) if small else (c, self.inter), dtype=self._tile_dtype, device=self.device)
+        for r0, r1, tile in self._tiles(ex.w1, ex.w3):
+            n = r1 - r0
+            if small:
+                h = torch.mm(tile, xt.t())  # [2n, c]: gate rows, then up rows
+                self._act_into(h[:n], h[n:], act[r0:r1])
+            else:
+                h = torch.mm(xt, tile.t())  # [c, 2n]
+                self._act_into(h[:, :n], h[:, n:], act[:, r0:r1])
+        out = torch.empty((self.hidden, c) if small else (c, self.hidden), dtype=self._tile_dtype,
+                          device=self.device)
+        for r0, r1, tile in self._tiles(ex.w2):
+            if small:
+                torch.mm(tile, act, out=out[r0:r1])
+            elif r1 - r0 == self.hidden:
+                torch.mm(act, tile.t(), out=out)
+            else:
+                out[:, r0:r1] = torch.mm(act, tile.t())
+        return (out.t() if small else out).to(self.dtype)  # (made row-major by forward's torch.cat)
+
+    def _act_into(self, gate: torch.Tensor, up: torch.Tensor, dst: torch.Tensor) -> None:
+        """dst = silu(gate) * up (clamped as `_act`), gate overwritten; all [n, c] views of tile-dtype tensors."""
+        if self.swiglu_limit is not None:
+            gate.clamp_(max=self.swiglu_limit)
+            up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        torch.mul(F.silu(gate, inplace=True), up, out=dst)
 
     def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.swiglu_limit is not None:
@@ -190,23 +219,21 @@ class PackedExpertGroup:
             out[:, r0:r1] = torch.mm(xt, tile.t())
         return out.to(self.dtype)
 
-    def _w_at(self, w: PackedWeight, xt: torch.Tensor) -> torch.Tensor:
-        """W @ xt for a packed W [N, K] and xt [K, c] in the tile dtype -> [N, c] in the tile dtype."""
-        out = torch.empty(w.codes.shape[0], xt.shape[1], dtype=self._tile_dtype, device=self.device)
-        for r0, r1, tile in self._tiles(w):
-            torch.mm(tile, xt, out=out[r0:r1])
-        return out
-
-    def _tiles(self, w: PackedWeight):
-        """(r0, r1, rows r0:r1 of W decoded into the reused tile buffer), tile after tile."""
+    def _tiles(self, w: PackedWeight, w_b: PackedWeight | None = None):
+        """(r0, r1, tile), tile after tile, in the reused tile buffer: rows r0:r1 of W decoded [r1 - r0, K];
+        with `w_b` (same shape), rows r0:r1 of W then rows r0:r1 of w_b [2 (r1 - r0), K] (gate and up)."""
         n = w.codes.shape[0]
         k = w.codes.shape[1] * (2 if self.fmt == "mxfp4" else 1)
-        rows_per_tile = self._tile_rows(n, k)
-        tile_buf, idx_buf = self._buffers(rows_per_tile * k)
+        parts = 1 if w_b is None else 2
+        rows_per_tile = self._tile_rows(n, k * parts)
+        tile_buf, idx_buf = self._buffers(parts * rows_per_tile * k)
         for r0 in range(0, n, rows_per_tile):
             r1 = min(n, r0 + rows_per_tile)
-            tile = tile_buf[:(r1 - r0) * k].view(r1 - r0, k)
-            self._decode(w, r0, r1, tile, idx_buf)
+            m = r1 - r0
+            tile = tile_buf[:parts * m * k].view(parts * m, k)
+            self._decode(w, r0, r1, tile[:m], idx_buf)
+            if w_b is not None:
+                self._decode(w_b, r0, r1, tile[m:], idx_buf)
             yield r0, r1, tile
 
     def path(self, rows: int) -> str:

@@ -196,3 +196,67 @@ def test_mxfp4_bfloat16_decode_at_extreme_scales():
         out = torch.empty(r1 - r0, 1024, dtype=torch.bfloat16)
         quant_kernels.decode_rows("mxfp4", codes, scale, None, r0, r1, out)
         assert torch.equal(out, ref[r0:r1].to(torch.bfloat16)), (r0, r1)
+
+
+# ---- the vectorized decoders against the table ones they replaced -----------------------------------------
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp8_arithmetic_decode_equals_the_table_decode(threads):
+    """Every e4m3 code (subnormals, +-0, NaN) at block scales across float32's range -- tiny, ordinary, needing
+    rounding, and >= 2^8 (where scale x 2^120 overflows and the kernel takes two multiplies) -- float and e8m0."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat(6, 2).view(torch.float8_e4m3fn)  # [6, 512]
+    scales = [torch.tensor([[2.0**-100, 0.3137], [1.7e-3, 1.0], [300.0, 2.0**40]]),
+              torch.tensor([[1, 100], [127, 130], [200, 254]], dtype=torch.uint8).view(torch.float8_e8m0fnu)]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for scale in scales:
+            ref = dequant_fp8_blocks(codes, scale, (2, 256))
+            for dtype in (torch.float32, torch.bfloat16):
+                got, table = torch.empty(6, 512, dtype=dtype), torch.empty(6, 512, dtype=dtype)
+                quant_kernels.decode_rows("fp8", codes, scale, (2, 256), 0, 6, got)
+                quant_kernels.decode_rows("fp8", codes, scale, (2, 256), 0, 6, table, kernel="table")
+                nan = ref.isnan()
+                assert torch.equal(got[~nan], table[~nan]) and torch.equal(got[~nan], ref[~nan].to(dtype)), dtype
+                assert got[nan].isnan().all() and table[nan].isnan().all()
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_fp8_decode_takes_the_table_where_denormals_are_flushed(monkeypatch):
+    """With denormals-are-zero the arithmetic decode would zero e4m3's subnormals; the table decode runs."""
+    assert quant_kernels.denormals_kept()  # this test process does not flush them
+    codes, scale, block, ref = _weight("fp8")
+    called = []
+    for parallel in (False, True):
+        table = quant_kernels._KERNELS[("fp8", parallel)]["bf16_table"]
+        monkeypatch.setitem(quant_kernels._KERNELS[("fp8", parallel)], "bf16_table",
+                            lambda *a, table=table: called.append(1) or table(*a))
+    monkeypatch.setattr(quant_kernels, "denormals_kept", lambda: False)
+    out = torch.empty(N, K, dtype=torch.bfloat16)
+    quant_kernels.decode_rows("fp8", codes, scale, block, 0, N, out)
+    assert called and torch.equal(out, ref.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mxfp4_vectorized_decode_equals_the_table_decode(threads):
+    """Every byte under every e8m0 scale byte 0..254 (rows with bytes outside 2..252 are redone by the table)."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat(255, 2).view(torch.int8)  # [255, 512]
+    scale = torch.arange(255, dtype=torch.uint8)[:, None].repeat(1, 32)  # row r: scale byte r
+    scale[7, 5] = 1  # one out-of-range group in an otherwise in-range row
+    scale = scale.view(torch.float8_e8m0fnu)
+    ref = dequant_mxfp4(codes, scale).to(torch.bfloat16)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, table = torch.empty(255, 1024, dtype=torch.bfloat16), torch.empty(255, 1024, dtype=torch.bfloat16)
+        quant_kernels.decode_rows("mxfp4", codes, scale, None, 0, 255, got)
+        quant_kernels.decode_rows("mxfp4", codes, scale, None, 0, 255, table, kernel="table")
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(got, table) and torch.equal(got, ref)
+
+
+def test_decode_rows_refuses_unknown_kernels():
+    codes, scale, block, _ = _weight("mxfp4")
+    with pytest.raises(ValueError, match="kernel"):
+        quant_kernels.decode_rows("mxfp4", codes, scale, block, 0, 4, torch.empty(4, K), kernel="fast")
