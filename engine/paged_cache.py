@@ -160,16 +160,16 @@ class PagedKVCache:
         return rows.to(dtype or self.compute_dtype)
 
     def index(self, table: torch.Tensor, first: int, pool: PoolSpec, start_row: int, end_row: int) -> torch.Tensor:
-        """Storage rows of a sequence's rows [start_row, end_row) in `pool` ([n] long, on the cache's device);
-        `table` (a host tensor) starts at page index `first`."""
+        """Storage rows of a sequence's rows [start_row, end_row) in `pool` ([n] long, on the cache's device),
+        computed where `table` (starting at page index `first`) is: a device table costs no copy."""
         rpp = pool.rows_per_page
         if end_row > (first + table.numel()) * rpp:
             raise AssertionError(f"{pool.name} row {end_row - 1} beyond the {first + table.numel()} allocated pages")
         if start_row < first * rpp and end_row > start_row:
             raise AssertionError(f"{pool.name} rows {start_row}..{end_row - 1} reach a dropped window page")
-        r = torch.arange(start_row, end_row, device=HOST)
+        r = torch.arange(start_row, end_row, device=table.device)
         rows = table[r // rpp - first] * rpp + r % rpp
-        return rows if self.device.type == "cpu" else rows.to(self.device)
+        return rows if rows.device == self.device else rows.to(self.device)
 
     # ---- batched decode (one new token per sequence) -----------------------------------------------------
     def decode_write_gather(self, layer_id: int, views: list[SeqCacheView], positions: torch.Tensor,
@@ -252,6 +252,15 @@ class SeqCacheView:
         self.batch = cache
         self.tables = [torch.tensor(t, dtype=torch.long, device=HOST) for t in blocks.tables]
         self.first = list(blocks.first)
+        self._device_tables: dict[int, torch.Tensor] = {}
+
+    def device_table(self, pid: int) -> torch.Tensor:
+        """Pool `pid`'s page table on the cache's device, copied once per view (per step) for the per-sequence
+        path's index arithmetic, not once per layer and tensor."""
+        t = self._device_tables.get(pid)
+        if t is None:
+            t = self._device_tables[pid] = self.tables[pid].to(self.cache.device)
+        return t
 
     def layer(self, layer_id: int) -> _LayerView:
         return _LayerView(self, layer_id)
@@ -266,7 +275,7 @@ class _LayerView:
     def _index(self, name: str, start_row: int, end_row: int) -> torch.Tensor:
         c = self.seq.cache
         pid = c.pool_of[self.layer_id][name]
-        return c.index(self.seq.tables[pid], self.seq.first[pid], c.pools[pid], start_row, end_row)
+        return c.index(self.seq.device_table(pid), self.seq.first[pid], c.pools[pid], start_row, end_row)
 
     def write(self, name: str, start_row: int, rows: torch.Tensor) -> None:
         c = self.seq.cache
