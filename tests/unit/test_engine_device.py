@@ -4,11 +4,17 @@ runs. A tensor created without an explicit device lands on torch's default devic
 `meta` while a step runs makes any such tensor fail (or corrupt the tokens), so equal outputs prove every tensor
 of the step path is created on the engine's device or explicitly on the host."""
 
+import collections
+import traceback
+from pathlib import Path
+
 import pytest
 import torch
 from support.tiny_models import FAMILIES, build
 from support.tiny_v4 import build as build_v4
+from torch.overrides import TorchFunctionMode
 
+import moeray.engine
 from moeray.common import SamplingParams
 from moeray.common.config import ServeConfig
 from moeray.engine.engine import Engine, EngineConfig
@@ -133,3 +139,40 @@ def test_object_store_rows_are_packed_to_the_host_in_one_buffer():
 def test_gating_device_is_accepted_without_fallback():
     assert ServeConfig(gating_device="gpu").gating_device == "gpu"
     assert ServeConfig(gating_device="npu", device="npu").gating_device == "npu"
+
+
+class DeviceReads(TorchFunctionMode):
+    """Counts the calls that read a tensor's values on the host (on a GPU: a device -> host copy and a sync), by
+    the moeray source file (relative to the package root) whose code made them."""
+
+    READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu}
+    ROOT = Path(moeray.engine.__file__).resolve().parents[1]  # the folder holding engine/, models/, experts/
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_file: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            ours = [Path(f.filename).resolve() for f in traceback.extract_stack()[:-1]]
+            ours = [p.relative_to(self.ROOT) for p in ours if p.is_relative_to(self.ROOT)
+                    and p.relative_to(self.ROOT).parts[0] not in ("tests", ".venv")]
+            if ours:
+                self.by_file[ours[-1].as_posix()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_step_reads_the_device_once_outside_the_expert_groups(family):
+    """Attention, gate, cache and sampling of a prefill step and of a decode step of 4 sequences read device
+    values on the host exactly once: the sampled ids (in-process expert groups do their own reads)."""
+    eng = engine_for(family)
+    for i in range(4):
+        eng.add_request(f"r{i}", list(range(1, 5 + 3 * i)), SamplingParams(max_tokens=8, temperature=0.0,
+                                                                           ignore_eos=True))
+    for _ in range(3):  # prefill (one chunk each), first decode, second decode
+        with DeviceReads() as reads:
+            eng.step()
+        engine_reads = {f: n for f, n in reads.by_file.items() if not f.startswith("experts/")}
+        assert engine_reads == {"engine/sampler.py": 1}
