@@ -215,32 +215,50 @@ class PagedKVCache:
 
     def read_block(self, blocks: SeqBlocks, block: int) -> list[dict[str, torch.Tensor]]:
         """Every layer's rows of one block of a sequence: layer -> name -> [R, *row_shape] (host copies, cache
-        dtype: what the KV store's codecs read)."""
+        dtype: what the KV store's codecs read). All of them cross to the host as one byte buffer (one copy, not
+        one per layer and tensor); the tensors are views of it."""
         tables = [torch.tensor(t, dtype=torch.long, device=HOST) for t in blocks.tables]
-        out: list[dict[str, torch.Tensor]] = []
+        parts, where = [], []
         for layer_id, layer in enumerate(self.storage):
-            rows = {}
             for name, store in layer.items():
                 pid = self.pool_of[layer_id][name]
                 pool = self.pools[pid]
                 idx = self.index(tables[pid], blocks.first[pid], pool, *self.block_rows(pool, block))
-                rows[name] = self._from_store(store.index_select(0, idx), self.dtype).cpu()
-            out.append(rows)
+                rows = store.index_select(0, idx)  # [R, *row_shape] in the storage dtype
+                parts.append(rows.reshape(-1).view(torch.uint8))
+                where.append((layer_id, name, rows.shape))
+        flat = torch.cat(parts).to(HOST) if parts else torch.empty(0, dtype=torch.uint8, device=HOST)
+        out: list[dict[str, torch.Tensor]] = [{} for _ in self.storage]
+        off = 0
+        for (layer_id, name, shape), part in zip(where, parts, strict=True):
+            out[layer_id][name] = flat[off:off + part.numel()].view(self.dtype).view(shape)
+            off += part.numel()
         return out
 
     def write_block(self, blocks: SeqBlocks, block: int, payload: list[dict[str, torch.Tensor]]) -> None:
-        """Fill one block of a sequence from a payload shaped like `read_block`'s (host or device tensors; mutates
-        the pools). Window rows the sequence no longer holds (before its window) are skipped."""
+        """Fill one block of a sequence from a payload shaped like `read_block`'s (host tensors; mutates the pools).
+        Window rows the sequence no longer holds (before its window) are skipped. The rows cross to the device as
+        one byte buffer."""
         tables = [torch.tensor(t, dtype=torch.long, device=HOST) for t in blocks.tables]
+        parts, where = [], []
         for layer_id, (layer, rows) in enumerate(zip(self.storage, payload, strict=True)):
-            for name, store in layer.items():
+            for name in layer:
                 pid = self.pool_of[layer_id][name]
                 pool, table, first = self.pools[pid], tables[pid], blocks.first[pid]
                 lo, hi = self.block_rows(pool, block)
                 held = max(lo, first * pool.rows_per_page)
                 if held < hi:
-                    store.index_copy_(0, self.index(table, first, pool, held, hi),
-                                      self._to_store(rows[name][held - lo:].to(self.device)))
+                    r = self._to_store(rows[name][held - lo:])  # [n, *row_shape] storage dtype, on the host
+                    parts.append(r.contiguous().reshape(-1).view(torch.uint8))
+                    where.append((layer_id, name, r.shape, r.dtype, self.index(table, first, pool, held, hi)))
+        if not parts:
+            return
+        flat = torch.cat(parts).to(self.device)
+        off = 0
+        for (layer_id, name, shape, dtype, idx), part in zip(where, parts, strict=True):
+            rows = flat[off:off + part.numel()].view(dtype).view(shape)
+            self.storage[layer_id][name].index_copy_(0, idx, rows)
+            off += part.numel()
 
 
 class SeqCacheView:
