@@ -131,11 +131,11 @@ class ExpertGroup:
                  weights: torch.Tensor) -> torch.Tensor:
         """`forward` with every input on the group's device, xs in its dtype -> [M, D] in its dtype."""
         _, gu, dn = self._layers[layer]
+        if 0 < pair_rows.numel() <= TINY_PAIRS:
+            return self._tiny(layer, xs, pair_rows, expert_ids, weights)
         out = torch.zeros(xs.shape[0], self.hidden, dtype=self.dtype, device=self.device)
         if pair_rows.numel() == 0:
             return out
-        if pair_rows.numel() <= TINY_PAIRS:
-            return self._tiny(layer, xs, pair_rows, expert_ids, weights, out)
         slots = self._slot_index(layer, expert_ids)  # [P]
         order = torch.argsort(slots, stable=True)
         counts_t = torch.bincount(slots, minlength=gu.shape[0])  # [S]
@@ -156,20 +156,29 @@ class ExpertGroup:
         return out
 
     def _tiny(self, layer: int, xs: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
-              weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+              weights: torch.Tensor) -> torch.Tensor:
         """A few pairs (B = 1 decode): each pair's expert on its row, accumulated in place. No sort, bincount or
         gather: at this size each of those is a dispatch costing as much as the arithmetic. Same dot products as
-        the loop over slots; the weight multiplies inside the accumulation (last-bit differences)."""
+        the loop over slots; the weight multiplies inside the accumulation (last-bit differences). One row sent
+        (every pair on row 0): the first pair's output becomes the accumulator, no zeros and no row slices."""
         held, gu, dn = self._layers[layer]
         ids = expert_ids.tolist()
         missing = sorted({e for e in ids if e not in held})
         if missing:
             raise KeyError(f"layer {layer}: experts {missing} are not loaded here (loaded: {sorted(held)})")
-        for r, e, w in zip(pair_rows.tolist(), ids, weights.tolist(), strict=True):
+        one_row = xs.shape[0] == 1
+        rows = [0] * len(ids) if one_row else pair_rows.tolist()
+        out = None if one_row else torch.zeros(xs.shape[0], self.hidden, dtype=self.dtype, device=self.device)
+        for r, e, w in zip(rows, ids, weights.tolist(), strict=True):
             s = held[e]
-            xr = xs[r:r + 1]
+            xr = xs if one_row else xs[r:r + 1]
             y = self._expert_packed(xr, *self._packed_slot(layer, s)) if self._pack else self._expert(xr, gu[s], dn[s])
-            out[r:r + 1].add_(y, alpha=w)
+            if out is None:
+                out = y.mul_(w)
+            elif one_row:
+                out.add_(y, alpha=w)
+            else:
+                out[r:r + 1].add_(y, alpha=w)
         return out
 
     def _batched(self, xs: torch.Tensor, rows_sorted: torch.Tensor, slots_sorted: torch.Tensor,

@@ -131,7 +131,14 @@ def test_tiny_pair_loop_matches_the_sorted_loop(dtype, monkeypatch):
     assert (tiny - looped).abs().max() <= tol * looped.abs().max()
     if dtype == torch.float32:
         assert torch.allclose(tiny.double(), per_token_reference(w, x, rows, ids, ws), atol=1e-5)
+    # one row sent (B = 1 decode: the first pair's output is the accumulator)
+    x1, rows1, ids1, ws1 = x[1:2], torch.tensor([0, 0]), torch.tensor([3, 1]), torch.tensor([0.7, 0.3])
+    looped1 = grp.forward(2, x1, rows1, ids1, ws1)
     monkeypatch.setattr(group, "TINY_PAIRS", 4)
+    tiny1 = grp.forward(2, x1, rows1, ids1, ws1)
+    assert tiny1.shape == (1, D) and (tiny1 - looped1).abs().max() <= tol * looped1.abs().max()
+    if dtype == torch.float32:
+        assert torch.allclose(tiny1.double(), per_token_reference(w, x1, rows1, ids1, ws1), atol=1e-5)
     with pytest.raises(KeyError, match=r"experts \[9\] are not loaded"):
         grp.forward(2, x, torch.tensor([0]), torch.tensor([9]), torch.tensor([1.0]))
 
