@@ -150,14 +150,17 @@ class PagedKVCache:
         return SeqCacheView(self, blocks)
 
     # ---- storage dtype -------------------------------------------------------------------------------
+    # (a `.to` to the dtype a tensor already has returns it, but still costs a dispatch: twice per layer per step)
     def _to_store(self, rows: torch.Tensor) -> torch.Tensor:
-        rows = rows.to(self.dtype)
+        if rows.dtype != self.dtype:
+            rows = rows.to(self.dtype)
         return rows.view(torch.uint8) if self._raw else rows
 
     def _from_store(self, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self._raw:
             rows = rows.view(self.dtype)
-        return rows.to(dtype or self.compute_dtype)
+        dtype = dtype or self.compute_dtype
+        return rows if rows.dtype == dtype else rows.to(dtype)
 
     def index(self, table: torch.Tensor, first: int, pool: PoolSpec, start_row: int, end_row: int) -> torch.Tensor:
         """Storage rows of a sequence's rows [start_row, end_row) in `pool` ([n] long, on the cache's device),

@@ -8,6 +8,7 @@ Legend: N = tokens, K = experts per token, D = hidden.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -44,20 +45,44 @@ class ExpertTransport(Protocol):
 
 
 class ExpertLoad:
-    """Per-(layer, expert) routed-pair counts since the last `take()`: the load history EPLB balances."""
+    """Per-(layer, expert) routed-pair counts since the last `take()`: the load history EPLB balances.
+
+    `add` only keeps the step's ids; they are counted (one cat and one bincount per layer) every FOLD calls and
+    at `take`: three dispatches per MoE layer per step saved at decode sizes, memory bounded by FOLD steps.
+    `take` may run on another thread than `add` (the gating actor's status calls): a lock keeps every id counted
+    once."""
+
+    FOLD = 64
 
     def __init__(self) -> None:
         self.counts: dict[int, torch.Tensor] = {}
+        self._pending: dict[int, list[torch.Tensor]] = {}
+        self._num_experts: dict[int, int] = {}
+        self._lock = threading.Lock()
 
     def add(self, layer: int, ids: torch.Tensor, num_experts: int) -> None:
-        c = torch.bincount(ids.reshape(-1), minlength=num_experts)
+        with self._lock:
+            pending = self._pending.setdefault(layer, [])
+            pending.append(ids)
+            self._num_experts[layer] = num_experts
+            if len(pending) >= self.FOLD:
+                self._fold(layer)
+
+    def _fold(self, layer: int) -> None:
+        pending = self._pending.pop(layer, None)
+        if not pending:
+            return
+        ids = torch.cat([p.reshape(-1) for p in pending])
+        c = torch.bincount(ids, minlength=self._num_experts[layer])
         cur = self.counts.get(layer)
         self.counts[layer] = c if cur is None else cur + c
 
     def take(self) -> dict[int, list[int]]:
-        out = {layer: c.tolist() for layer, c in self.counts.items()}
-        self.counts = {}
-        return out
+        with self._lock:
+            for layer in list(self._pending):
+                self._fold(layer)
+            counts, self.counts = self.counts, {}
+        return {layer: c.tolist() for layer, c in counts.items()}
 
 
 class LocalTransport:
