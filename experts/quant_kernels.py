@@ -90,6 +90,74 @@ def _fp8_band_lut_bf16_py(scales, band, e4m3, lut):  # lut [ceil(K/bi), 256] u16
         _to_bf16(tmp, lut, kb)
 
 
+def _mxfp4_row_in_range_py(scales, r):  # whether row r's scale bytes keep every value a normal bf16/f32
+    fast = True
+    for g in range(scales.shape[1]):
+        fast &= E8M0_BITS_MIN <= scales[r, g] <= E8M0_BITS_MAX
+    return fast
+
+
+def _mxfp4_row_bf16_py(codes, scales, r, dst):  # row r -> bf16 bits in dst[0, :K] (u16), scales in range
+    # the integer decode of _mxfp4_bf16_kernel (16-bit lanes)
+    u16 = np.uint16
+    z, c2, c7, c8, c80 = u16(0), u16(2), u16(7), u16(8), u16(0x80)
+    for g in range(scales.shape[1]):
+        a = u16(u16(u16(scales[r, g]) << u16(7)) - u16(0x100))
+        for j in range(16):
+            b = u16(codes[r, g * 16 + j])
+            lo = u16(b & c7)
+            hi = u16(u16(b >> u16(4)) & c7)
+            vl = u16(u16(a + u16(lo << u16(6))) + u16(min(lo, c2) << u16(6)))
+            vh = u16(u16(a + u16(hi << u16(6))) + u16(min(hi, c2) << u16(6)))
+            vl = vl if lo != z else z
+            vh = vh if hi != z else z
+            dst[0, g * 32 + 2 * j] = u16(vl | u16(u16(b & c8) << u16(12)))
+            dst[0, g * 32 + 2 * j + 1] = u16(vh | u16(u16(b & c80) << u16(8)))
+
+
+def _dots_bf16_py(x, buf, n, out):  # _dots over a row held as bf16 bits (u16), widened exactly to float32
+    t_rows, k = x.shape
+    for t in range(0, t_rows - 3, 4):
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for j in range(k):
+            v = _as_f32(np.int32(np.int32(buf[0, j]) << np.int32(16)))
+            a0 += v * x[t, j]
+            a1 += v * x[t + 1, j]
+            a2 += v * x[t + 2, j]
+            a3 += v * x[t + 3, j]
+        out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = a0, a1, a2, a3
+    for t in range(t_rows - t_rows % 4, t_rows):
+        acc = np.float32(0.0)
+        for j in range(k):
+            acc += _as_f32(np.int32(np.int32(buf[0, j]) << np.int32(16))) * x[t, j]
+        out[t, n] = acc
+
+
+def _fp8_band_small_scales_py(scales, band):  # whether every block scale of the band x 2^120 is finite (< 2^8)
+    ok = True
+    for kb in range(scales.shape[1]):
+        ok &= np.float32(scales[band, kb]) * np.float32(2.0**120) < np.float32(3e38)
+    return ok
+
+
+def _fp8_row_bits_py(codes, scales, band, r, bi, bits):  # row r -> float32 bits (u32 [1, K]); small scales
+    # _fp8_arith_kernel's float32 decode: magnitude bits at float32's exponent position x (scale x 2^120)
+    k = codes.shape[1]
+    c7f, c80 = np.int32(0x7F), np.int32(0x80)
+    for kb in range(scales.shape[1]):
+        j0 = kb * bi
+        n = min(k, j0 + bi) - j0
+        c = codes[r, j0:j0 + n]
+        d = bits[0, j0:j0 + n]
+        sc = np.float32(np.float32(scales[band, kb]) * np.float32(2.0**120))
+        for j in range(n):
+            b = np.int32(c[j])
+            mag = np.int32(b & c7f)
+            u = _as_i32(np.float32(_as_f32(np.int32(mag << np.int32(20))) * sc))
+            v = np.int32(0x7FC00000) if mag == c7f else u
+            d[j] = np.uint32(np.int32(v | np.int32(np.int32(b & c80) << np.int32(24))))
+
+
 # ---- kernels, built per (format, parallel) -----------------------------------------------------------------
 def _dots_py(x, buf, n, out):  # out[:, n] = x [T, K] @ buf[0] (f32), four rows of x per pass over buf
     t_rows, k = x.shape
@@ -113,18 +181,29 @@ def _mxfp4_gemv_kernel(x, codes, scales, e8m0, pairs, out):  # x [T, K] f32 -> o
     num_rows = codes.shape[0]
     for ch in prange((num_rows + CHUNK_ROWS - 1) // CHUNK_ROWS):
         buf = np.empty((1, x.shape[1]), np.float32)
+        row = np.empty((1, x.shape[1]), np.uint16)  # bf16 bits: exact for in-range scales, half the bytes
         for n in range(ch * CHUNK_ROWS, min(num_rows, ch * CHUNK_ROWS + CHUNK_ROWS)):
-            _mxfp4_row(codes, scales, n, e8m0, pairs, buf, 0)
-            _dots(x, buf, n, out)
+            if _mxfp4_row_in_range(scales, n):
+                _mxfp4_row_bf16(codes, scales, n, row)
+                _dots_bf16(x, row, n, out)
+            else:
+                _mxfp4_row(codes, scales, n, e8m0, pairs, buf, 0)
+                _dots(x, buf, n, out)
 
 
 def _fp8_gemv_kernel(x, codes, scales, block, e4m3, out):  # x [T, K] f32 -> out [T, N] f32, by bands of bo rows
     bo, bi = block[0], block[1]
     num_rows, k = codes.shape
     for band in prange(scales.shape[0]):
+        buf = np.empty((1, k), np.float32)
+        bits = buf.view(np.uint32)
+        if _fp8_band_small_scales(scales, band):  # the arithmetic decode (every checkpoint's scales are < 2^8)
+            for n in range(band * bo, min(num_rows, band * bo + bo)):
+                _fp8_row_bits(codes, scales, band, n, bi, bits)
+                _dots(x, buf, n, out)
+            continue
         lut = np.empty((scales.shape[1], 256), np.float32)  # the band's blocks' scaled values (as in the tiles)
         _fp8_lut_f32(scales, band, e4m3, lut)
-        buf = np.empty((1, k), np.float32)
         for n in range(band * bo, min(num_rows, band * bo + bo)):
             for kb in range(scales.shape[1]):
                 j0 = kb * bi
@@ -274,14 +353,19 @@ if numba is not None:
     _fp8_lut_f32 = _inline(_fp8_band_lut_f32_py)
     _fp8_lut_bf16 = _inline(_fp8_band_lut_bf16_py)
     _as_f32, _as_i32 = _bitcast_intrinsics()
+    _mxfp4_row_in_range = _inline(_mxfp4_row_in_range_py)
+    _mxfp4_row_bf16 = _inline(_mxfp4_row_bf16_py)
+    _dots_bf16 = _inline(_dots_bf16_py)
+    _fp8_band_small_scales = _inline(_fp8_band_small_scales_py)
+    _fp8_row_bits = _inline(_fp8_row_bits_py)
     for _par in (False, True):
         _KERNELS[("mxfp4", _par)] = {
-            "gemv": _jit_kernel(_mxfp4_gemv_kernel, "gemv_mxfp4", _par),
+            "gemv": _jit_kernel(_mxfp4_gemv_kernel, "gemv_mxfp4_u16lanes", _par),
             "f32": _jit_kernel(_mxfp4_f32_kernel, "decode_f32_mxfp4", _par),
             "bf16": _jit_kernel(_mxfp4_bf16_kernel, "decode_bf16_mxfp4_u16lanes", _par),
             "bf16_table": _jit_kernel(_mxfp4_bf16_table_kernel, "decode_bf16_mxfp4_table", _par)}
         _KERNELS[("fp8", _par)] = {
-            "gemv": _jit_kernel(_fp8_gemv_kernel, "gemv_fp8", _par),
+            "gemv": _jit_kernel(_fp8_gemv_kernel, "gemv_fp8_arith", _par),
             "f32_table": _jit_kernel(_fp8_tile_kernel(_fp8_lut_f32, np.float32), "decode_f32_fp8", _par),
             "bf16_table": _jit_kernel(_fp8_tile_kernel(_fp8_lut_bf16, np.uint16), "decode_bf16_fp8", _par),
             # no fastmath: it would fold the two multiplies of large-scale blocks into one (overflowing)
@@ -323,7 +407,7 @@ def gemv_packed(x: torch.Tensor, fmt: str, codes: torch.Tensor, scale: torch.Ten
     """x [T, K] @ dequant(W).t() -> [T, N] float32 for W packed as `fmt` ("mxfp4" or "fp8"); `scale` as stored
     (mxfp4: e8m0 [N, K/32]; fp8: float32 or e8m0 [ceil(N/bo), ceil(K/bi)])."""
     kernel = _KERNELS[(fmt, _threads() > 1)]["gemv"]
-    xn = x.detach().float().contiguous().numpy()
+    xn = (x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()).detach().numpy()
     out = np.empty((xn.shape[0], codes.shape[0]), dtype=np.float32)
     kernel(xn, *_args(fmt, codes, scale, block), out)
     return torch.from_numpy(out)

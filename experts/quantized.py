@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from moeray.experts import quant_kernels
-from moeray.experts.group import SMALL_ROWS, SMALL_ROWS_REDUCED
+from moeray.experts.group import SMALL_ROWS, SMALL_ROWS_REDUCED, TINY_PAIRS
 from moeray.experts.quant_formats import MX_GROUP, e2m1_lut, scale_to_float
 
 FORMATS = ("fp8", "mxfp4", "int8")
@@ -142,6 +142,8 @@ class PackedExpertGroup:
         out = torch.zeros(xs.shape[0], self.hidden, dtype=self.dtype, device=self.device)
         if pair_rows.numel() == 0:
             return out.to(x.device, out_dtype or x.dtype)
+        if pair_rows.numel() <= TINY_PAIRS:
+            return self._tiny(layer, xs, pair_rows, expert_ids, weights, out).to(x.device, out_dtype or x.dtype)
         ids = expert_ids.to(self.device)
         missing = sorted(set(torch.unique(ids).tolist()) - set(held))
         if missing:
@@ -160,11 +162,35 @@ class PackedExpertGroup:
         out.index_add_(0, rows_sorted, y.mul_(w_sorted[:, None]))
         return out.to(x.device, out_dtype or x.dtype)
 
+    def _tiny(self, layer: int, xs: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
+              weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A few pairs (B = 1 decode, as ExpertGroup's): each pair's expert on its row, accumulated into `out`
+        (zeros [M, D]); no sort, unique or gather, each a dispatch costing as much as the arithmetic here."""
+        held = self._layers[layer]
+        ids = expert_ids.tolist()
+        missing = sorted({e for e in ids if e not in held})
+        if missing:
+            raise KeyError(f"layer {layer}: experts {missing} are not loaded here (loaded: {sorted(held)})")
+        for r, e, w in zip(pair_rows.tolist(), ids, weights.tolist(), strict=True):
+            out[r:r + 1].add_(self._expert(xs[r:r + 1], held[e]), alpha=w)
+        return out
+
     def _expert(self, xs: torch.Tensor, ex: PackedExpert) -> torch.Tensor:
         """xs [c, D] -> [c, D]: clamped SwiGLU with every GEMM computed from packed weights."""
-        if self.path(xs.shape[0]) == "tile":
+        path = self.path(xs.shape[0])
+        if path == "tile":
             return self._expert_tiles(xs, ex)
+        if path == "gemv":
+            return self._expert_gemv(xs, ex)
         return self._linear(self._act(self._linear(xs, ex.w1), self._linear(xs, ex.w3)), ex.w2)
+
+    def _expert_gemv(self, xs: torch.Tensor, ex: PackedExpert) -> torch.Tensor:
+        """The fused-GEMV path, in float32 (the kernels' dtype) from the first GEMM to the last: two casts."""
+        xf = xs.float()
+        gate = quant_kernels.gemv_packed(xf, self.fmt, ex.w1.codes, ex.w1.scale, self.block)
+        up = quant_kernels.gemv_packed(xf, self.fmt, ex.w3.codes, ex.w3.scale, self.block)
+        act = self._act(gate, up)
+        return quant_kernels.gemv_packed(act, self.fmt, ex.w2.codes, ex.w2.scale, self.block).to(self.dtype)
 
     def _expert_tiles(self, xs: torch.Tensor, ex: PackedExpert) -> torch.Tensor:
         """The tile path: rows r0:r1 of w1 and of w3 decoded into one tile [2n, D], one library GEMM for gate and

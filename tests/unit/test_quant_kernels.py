@@ -260,3 +260,40 @@ def test_decode_rows_refuses_unknown_kernels():
     codes, scale, block, _ = _weight("mxfp4")
     with pytest.raises(ValueError, match="kernel"):
         quant_kernels.decode_rows("mxfp4", codes, scale, block, 0, 4, torch.empty(4, K), kernel="fast")
+
+
+def test_gemv_at_extreme_scales_matches_dequantize_then_matmul():
+    """The GEMVs' fallbacks: MXFP4 rows with a scale byte below 2 (table rows next to integer-decoded ones; above
+    252 the products overflow float32 anyway), FP8 bands with a block scale >= 2^8 (the band's table next to
+    arithmetic bands)."""
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(2))
+    codes = torch.randint(-128, 128, (4, 512), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    scale = torch.tensor([[1, 120] * 16, [127] * 32, [0, 126] * 16, [2, 130] * 16], dtype=torch.uint8)
+    scale = scale.view(torch.float8_e8m0fnu)
+    ref = dequant_mxfp4(codes, scale)
+    got = quant_kernels.gemv_packed(x, "mxfp4", codes, scale, None)
+    want = x @ ref.t()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    w8 = (torch.randn(64, 1024, generator=torch.Generator().manual_seed(4)) * 8).to(torch.float8_e4m3fn)
+    s8 = torch.tensor([[0.01] * 8, [300.0] + [0.5] * 7])  # band 1 holds a block scale >= 2^8
+    ref8 = dequant_fp8_blocks(w8, s8, (32, 128))
+    got8 = quant_kernels.gemv_packed(x, "fp8", w8, s8, (32, 128))
+    want8 = x @ ref8.t()
+    assert torch.allclose(got8, want8, rtol=1e-5, atol=1e-5 * want8.abs().max().item())
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "fp8"])
+def test_few_pairs_loop_matches_dequantized_fp32(fmt):
+    """<= TINY_PAIRS pairs skip the sort and gather: one row with two experts, two rows with two each."""
+    packed, dense = _experts(fmt)
+    pg = PackedExpertGroup(D, I, swiglu_limit=0.5, fmt=fmt, block=(32, 40))
+    ref = ExpertGroup(D, I, swiglu_limit=0.5)
+    pg.load(0, packed)
+    ref.load(0, dense)
+    for tokens in (1, 2):
+        x, rows, ids, w = _routing(tokens, seed=11 + tokens)
+        assert rows.numel() <= quantized.TINY_PAIRS
+        diff = (pg.forward(0, x, rows, ids, w) - ref.forward(0, x, rows, ids, w)).abs().max().item()
+        assert diff <= 1e-5, diff
+    with pytest.raises(KeyError, match="not loaded here"):
+        pg.forward(0, x[:1], torch.tensor([0]), torch.tensor([E + 3]), torch.tensor([1.0]))
