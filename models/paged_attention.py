@@ -37,6 +37,7 @@ class QueryGroup:
     out_rows: torch.Tensor | None
     context: int  # longest context (positions 0..context-1 are read)
     tables: dict[int, torch.Tensor] = field(default_factory=dict)  # pool id -> [S, P] pages (lazy)
+    rows: dict[tuple[int, bool], torch.Tensor] = field(default_factory=dict)  # (pool id, trim) -> storage rows
     masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (page rows, window) -> [S,1,n,L]
 
 
@@ -128,15 +129,28 @@ class PagedBatch:
         for name, r in rows.items():
             c.storage[layer_id][name].index_copy_(0, self.write_rows(c.pool_of[layer_id][name]), c._to_store(r))
 
-    def gather(self, layer_id: int, name: str, g: QueryGroup) -> torch.Tensor:
-        """A group's context rows of tensor `name`, whole pages -> [S, L, *row_shape] in the compute dtype."""
+    def group_rows(self, g: QueryGroup, pid: int, trim: bool = False) -> torch.Tensor:
+        """Storage rows of a group's pages in pool `pid`, page after page -> [S * L]; with `trim` (one sequence)
+        only its first `context` rows. Built once per step; every layer's gather is then one index_select."""
+        key = (pid, trim)
+        r = g.rows.get(key)
+        if r is None:
+            rpp = self.cache.pools[pid].rows_per_page
+            t = self.group_tables(g, pid)  # [S, P]
+            r = (t[:, :, None] * rpp + torch.arange(rpp, device=t.device)).reshape(-1)  # [S * P * rpp]
+            if trim:
+                assert t.shape[0] == 1, "trim is for a group of one sequence"
+                r = r[:g.context]
+            g.rows[key] = r
+        return r
+
+    def gather(self, layer_id: int, name: str, g: QueryGroup, trim: bool = False) -> torch.Tensor:
+        """A group's context rows of tensor `name` -> [S, L, *row_shape] in the compute dtype: whole pages (L =
+        P * page rows), or with `trim` (one sequence) exactly its `context` rows."""
         c = self.cache
-        pid = c.pool_of[layer_id][name]
-        rpp = c.pools[pid].rows_per_page
         store = c.storage[layer_id][name]
-        t = self.group_tables(g, pid)
-        pages = store.view(-1, rpp, *store.shape[1:]).index_select(0, t.reshape(-1))  # [S * P, rpp, ...]
-        return c._from_store(pages).view(t.shape[0], t.shape[1] * rpp, *store.shape[1:])
+        rows = store.index_select(0, self.group_rows(g, c.pool_of[layer_id][name], trim))  # [S * L, ...]
+        return c._from_store(rows).view(g.q_rows.shape[0], -1, *store.shape[1:])
 
     def attend_gqa(self, layer_id: int, q: torch.Tensor, scale: float, window: int) -> torch.Tensor:
         """q [N, H, Dh] (roped; K/V already written) -> [N, H * Dh], one SDPA per group."""
@@ -145,11 +159,9 @@ class PagedBatch:
         out = None if len(self.groups) == 1 and self.groups[0].out_rows is None else q.new_empty(
             q.shape[0], q.shape[1] * q.shape[2])
         for g in self.groups:
-            k, v = self.gather(layer_id, "k", g), self.gather(layer_id, "v", g)  # [S, L, Hkv, Dh]
-            if g.q_rows.shape == (1, 1) and not window:  # one decode query sees exactly its first `context` rows
-                k, v, mask = k[:, :g.context], v[:, :g.context], None
-            else:
-                mask = self.mask(g, pid, window)
+            trim = g.q_rows.shape == (1, 1) and not window  # one decode query sees exactly its `context` rows
+            k, v = self.gather(layer_id, "k", g, trim), self.gather(layer_id, "v", g, trim)  # [S, L, Hkv, Dh]
+            mask = None if trim else self.mask(g, pid, window)
             if g.q_rows.shape[1] == 1:
                 o = _decode_sdpa(q, g.q_rows, k, v, mask, scale)
             else:

@@ -15,7 +15,7 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch
 
     logits [N, E] -> ids [N, K] (long), weights [N, K] (fp32). Ties go to the lower expert id (torch.topk).
     """
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
     weights, ids = torch.topk(probs, k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -79,7 +79,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] (post-attention-norm hidden) -> ids [N, K], weights [N, K]. token_ids unused here."""
-        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        # in fp32 whatever the serving dtype (bf16 serving keeps the gate weight fp32: a bf16 gate flips near-ties);
+        # a .float() of an fp32 tensor is skipped, not dispatched
+        w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        logits = F.linear(x if x.dtype == torch.float32 else x.float(), w)  # [N, E]
         if self.scoring == "softmax":
             return softmax_topk(logits, self.k, self.renormalize)
         assert self.e_score_correction_bias is not None
