@@ -107,8 +107,8 @@ def _mxfp4_row_bf16_py(codes, scales, r, dst):  # row r -> bf16 bits in dst[0, :
             b = u16(codes[r, g * 16 + j])
             lo = u16(b & c7)
             hi = u16(u16(b >> u16(4)) & c7)
-            vl = u16(u16(a + u16(lo << u16(6))) + u16(min(lo, c2) << u16(6)))
-            vh = u16(u16(a + u16(hi << u16(6))) + u16(min(hi, c2) << u16(6)))
+            vl = u16(a + u16(u16(lo + min(lo, c2)) << u16(6)))
+            vh = u16(a + u16(u16(hi + min(hi, c2)) << u16(6)))
             vl = vl if lo != z else z
             vh = vh if hi != z else z
             dst[0, g * 32 + 2 * j] = u16(vl | u16(u16(b & c8) << u16(12)))
@@ -224,7 +224,7 @@ def _mxfp4_f32_kernel(r0, r1, codes, scales, e8m0, pairs, out):  # rows r0:r1 of
 
 def _mxfp4_bf16_kernel(r0, r1, codes, scales, e8m0, pairs, out):  # rows r0:r1 of W -> out [r1 - r0, K] bf16 bits
     # 16-bit lanes throughout (numba types integer arithmetic as int64 unless every step is cast back: 64-bit
-    # lanes measured 2.5x slower); per nibble m = code & 7 the bits are a + 64 m + 64 min(m, 2) (0 for m = 0)
+    # lanes measured 2.5x slower); per nibble m = code & 7 the bits are a + 64 (m + min(m, 2)) (0 for m = 0)
     # with a = (s << 7) - 0x100: e2m1's 0.5 (m = 1) is 0x3F00 + (s - 127) << 7, m >= 2 adds 64 per code step.
     # Rows with a scale byte that would leave bf16's normal range (never on the hub) are redone by the table
     # afterwards (a branch inside this loop measured 1.35x slower).
@@ -238,8 +238,8 @@ def _mxfp4_bf16_kernel(r0, r1, codes, scales, e8m0, pairs, out):  # rows r0:r1 o
                     b = u16(codes[r, g * 16 + j])
                     lo = u16(b & c7)
                     hi = u16(u16(b >> u16(4)) & c7)
-                    vl = u16(u16(a + u16(lo << u16(6))) + u16(min(lo, c2) << u16(6)))
-                    vh = u16(u16(a + u16(hi << u16(6))) + u16(min(hi, c2) << u16(6)))
+                    vl = u16(a + u16(u16(lo + min(lo, c2)) << u16(6)))
+                    vh = u16(a + u16(u16(hi + min(hi, c2)) << u16(6)))
                     vl = vl if lo != z else z
                     vh = vh if hi != z else z
                     out[r - r0, g * 32 + 2 * j] = u16(vl | u16(u16(b & c8) << u16(12)))
