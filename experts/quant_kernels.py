@@ -1,21 +1,28 @@
 """Dequantize-and-multiply CPU kernels for packed expert weights (numba).
 
 - `gemv_packed(x, w)`: x [T, K] @ dequant(W).t() for a packed W [N, K], nothing materialized: each row of W is
-  decoded once into a K-float buffer (L1: a 256-entry table of a byte's two e2m1 values, or its e4m3 value, times
-  the block scale) and dotted with every row of x (vectorized, float32 accumulation). The decode is paid once
-  per call and the dots T times (four rows of x per pass), so this serves few rows per expert (T <= FUSED_MAX_ROWS,
-  decode and small prefill batches); beyond that a library GEMM on a decoded tile is faster.
+  decoded once into an L1 row buffer and dotted with every row of x (vectorized, float32 accumulation, four rows
+  of x per pass). The decode is paid once per call and the dots T times, so this serves few rows per expert
+  (T <= FUSED_MAX_ROWS, decode and small prefill batches); beyond that a library GEMM on a decoded tile is faster.
 - `decode_rows(w, r0, r1, out)`: rows r0:r1 of W dequantized into a tile in float32 or bfloat16, for the tile
-  path of experts/quantized.py (the tile then goes to oneDNN/MKL). bfloat16 is written directly, no float32
-  pass: MXFP4 by integer arithmetic on the bf16 bits (value bits plus the scale's exponent, one 32-bit store per
-  byte; exact: 2 significant bits times a power of two), FP8 by a table per (band of bo rows, block) of the
-  block's 256 scaled values rounded to nearest even, as `.to(torch.bfloat16)` rounds, then one lookup per weight.
+  path of experts/quantized.py (the tile then goes to oneDNN/MKL).
+
+The decoders are vectorized arithmetic, no per-weight table lookups (a lookup is a scalar load per weight, or
+a gather): MXFP4 as bf16 bits in 16-bit lanes (the e2m1 code's bits plus the scale's exponent: exact, 2
+significant bits times a power of two; the GEMV widens them to float32 exactly), FP8 in float32 lanes (the
+code's magnitude bits placed at float32's exponent position are its value x 2^-120, times scale x 2^120, then
+bf16's round-to-nearest-even in integers, as `.to(torch.bfloat16)` rounds). numba types integer arithmetic as
+int64 unless each step is cast back, and 64-bit lanes ran 2.5x slower, so every step is cast. Each prefetches
+the codes a few rows ahead (1.4x on weights out of cache). Scales outside the fast range (MXFP4 bytes < 2 or >
+252, FP8 block scales >= 2^8, FP8 where the FPU flushes denormals) take the first, table-based kernels, kept for
+that and as the reference the tests hold the new ones to (`decode_rows(..., kernel="table")`).
 
 Decoding is exact (a code value times a power of two, or a float32 scale), so in float32 the results equal
 x @ dequant(W).t() up to summation order. One thread: serial kernels (waking a parallel region costs
 milliseconds on a busy machine); more: the same loops under prange, over chunks of rows. Without numba,
-experts/quantized.py decodes with torch ops. The decoders take 2-D arrays and row indices rather than 1-D row
-views, and the helpers are inlined: both measured 1.2-1.3x faster in numba.
+experts/quantized.py decodes with torch ops. The MXFP4 loops index the 2-D arrays by row (measured 1.2-1.3x
+faster than 1-D row views); the FP8 ones take 1-D block slices (2-D indexing with a column offset was not
+vectorized: 9x slower); the helpers are inlined.
 """
 
 from __future__ import annotations

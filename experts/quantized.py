@@ -10,8 +10,10 @@ expert actor's bytes are the checkpoint's bytes. The compute, per expert hit:
 - `fp8`, `mxfp4`, more rows ("tile"): the weight is decoded tile by tile (TILE_ELEMS elements) straight into a
   reused buffer in `tile_dtype` (bf16 where the group computes in bf16 and the CPU does bf16 GEMMs natively,
   else fp32; numba's decoders, or without numba one table gather per two stored bytes, then the scales) and the
-  library GEMM runs on each tile (oneDNN / MKL) -- the decode is paid once for all the rows. Up to a few dozen
-  rows the expert stays in the W @ x.t() layout those libraries run fastest, transposed once at the end.
+  library GEMM runs on each tile (oneDNN / MKL) -- the decode is paid once for all the rows. Gate and up rows
+  share a tile and one GEMM; up to a few dozen rows the expert stays in the W @ x.t() layout those libraries
+  run fastest, transposed once at the end.
+- a few pairs (<= TINY_PAIRS, B = 1 decode): a loop over the pairs, nothing sorted or gathered.
 - `int8`: torch's weight-only int8 kernel (`torch._weight_int8pack_mm`, per-row scales): no decode at all.
 
 Every decode is exact (a code value times its scale), so in float32 the result equals the dequantized model's
