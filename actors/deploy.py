@@ -127,12 +127,7 @@ class Deployment:
         await self.supervisor.submit(reqs)
         try:
             async for r, d in self.supervisor.run(reqs, deadline):
-                out = outs[r.request_id]
-                out.token_ids.extend(d.token_ids)
-                if d.logprobs and out.logprobs is not None:
-                    out.logprobs.extend(d.logprobs)
-                if d.finish_reason is not None:
-                    out.finish_reason, out.num_cached_tokens = d.finish_reason, d.num_cached_tokens
+                outs[r.request_id].add(d)  # ids, logprobs, top_logprobs, prompt_logprobs, finish
         except BaseException:
             await self.supervisor.cancel(reqs)
             raise

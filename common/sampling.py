@@ -143,6 +143,20 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def add(self, d: StepDelta) -> None:
+        """Fold one step's delta in: ids, logprobs, top / prompt logprobs, and on the last delta its finish."""
+        self.token_ids.extend(d.token_ids)
+        if d.logprobs and self.logprobs is not None:
+            self.logprobs.extend(d.logprobs)
+        if d.top_logprobs:
+            if self.top_logprobs is None:
+                self.top_logprobs = []
+            self.top_logprobs.extend(d.top_logprobs)
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
+        if d.finish_reason is not None:
+            self.finish_reason, self.num_cached_tokens = d.finish_reason, d.num_cached_tokens
+
 
 @dataclass(slots=True)
 class StepDelta:

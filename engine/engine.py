@@ -263,15 +263,7 @@ class Engine:
                 o = outs.get(d.request_id)
                 if o is None:
                     continue
-                o.token_ids.extend(d.token_ids)
-                if d.logprobs and o.logprobs is not None:
-                    o.logprobs.extend(d.logprobs)
-                if d.top_logprobs:
-                    o.top_logprobs = (o.top_logprobs or []) + d.top_logprobs
-                if d.prompt_logprobs is not None:
-                    o.prompt_logprobs = d.prompt_logprobs
-                o.finish_reason = d.finish_reason
-                o.num_cached_tokens = d.num_cached_tokens
+                o.add(d)
         return list(outs.values())
 
     def running_status(self) -> dict[str, int]:

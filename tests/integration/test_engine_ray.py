@@ -67,3 +67,28 @@ def test_requests_arriving_mid_decode(family_dep):
     hf = load_hf(fam)
     for p, t in zip(prompts, toks, strict=True):
         assert teacher_forcing_failures(hf_logits(hf, p + t), len(p), t) == []
+
+
+def test_python_api_returns_top_and_prompt_logprobs(family_dep):
+    """Deployment.generate carries top_logprobs and prompt_logprobs (it used to drop them: only the front ends
+    passed them on): the reference's log-softmax at each position, within 1e-4 in fp32."""
+    fam, dep = family_dep
+    prompt = [3, 9, 27, 81, 100, 7]
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3,
+                        prompt_logprobs=2)
+    (out,) = dep.generate([prompt], sp)
+    lsm = torch.log_softmax(hf_logits(load_hf(fam), prompt + out.token_ids), dim=-1)  # [P + T, V]
+    assert out.top_logprobs is not None and len(out.top_logprobs) == len(out.token_ids) == 5
+    for t, (tok, top) in enumerate(zip(out.token_ids, out.top_logprobs, strict=True)):
+        row = lsm[len(prompt) - 1 + t]
+        assert len(top) == 3 and top[0][0] == tok  # greedy: the sampled token is the most likely one
+        for tid, lp in top:
+            assert abs(lp - float(row[tid])) <= 1e-4
+        assert abs(out.logprobs[t] - float(row[tok])) <= 1e-4
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt)
+    assert out.prompt_logprobs[0] is None
+    for i in range(1, len(prompt)):
+        lp, rank, alts = out.prompt_logprobs[i]
+        row = lsm[i - 1]
+        assert abs(lp - float(row[prompt[i]])) <= 1e-4 and len(alts) == 2
+        assert rank == 1 + int((row > row[prompt[i]]).sum())
