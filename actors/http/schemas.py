@@ -23,21 +23,26 @@ from moeray.common.errors import (
 from moeray.common.sampling import MAX_TOP_LOGPROBS
 
 MAX_N = 16  # parallel samples of one prompt
+RETRY_AFTER_S = 1  # the Retry-After of a 429 (server busy) or 503 (backend failing over)
 
 
 class APIError(Exception):
     """An HTTP error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.retry_after_s = retry_after_s  # 429 / 503: when to try again (the Retry-After header)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry_after_s is not None:  # OpenAI's SDKs (and most HTTP clients) wait this long before a retry
+            headers["Retry-After"] = str(self.retry_after_s)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 def invalid(param: str | None, message: str) -> APIError:
@@ -61,10 +66,11 @@ def api_error_for(error: BaseException, field2param: Callable[[str], str] = lamb
             return invalid(None, message)
         param = field2param(fields[0])
         return invalid(param, f"{param}{sep}{rest}" if head == fields[0] else message)
-    if isinstance(error, CapacityError):
-        return APIError(429, str(error), "rate_limit_error", code="server_busy")
-    if isinstance(error, BackendUnavailableError | ExpertUnavailableError):
-        return APIError(503, str(error), "service_unavailable", code="backend_unavailable")
+    if isinstance(error, CapacityError):  # in-flight bound: a slot frees when any request finishes
+        return APIError(429, str(error), "rate_limit_error", code="server_busy", retry_after_s=RETRY_AFTER_S)
+    if isinstance(error, BackendUnavailableError | ExpertUnavailableError):  # failover: back within seconds
+        return APIError(503, str(error), "service_unavailable", code="backend_unavailable",
+                        retry_after_s=RETRY_AFTER_S)
     if isinstance(error, NotImplementedError):
         return APIError(501, str(error) or "not implemented", "not_implemented")
     logging.getLogger(__name__).exception("internal error", exc_info=error)

@@ -356,6 +356,7 @@ def test_over_capacity_is_429(serve):
         assert first.status_code == 200
         r = post(url, "/v1/completions", {"model": "fake", "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 429 and r.json()["error"]["code"] == "server_busy"
+    assert r.headers["retry-after"] == "1"  # OpenAI's SDKs wait this long before retrying
 
 
 def test_in_flight_bound_is_shared_with_a_given_frontend(serve):
@@ -374,6 +375,7 @@ def test_backend_down_is_503(serve):
     _, url = serve(FakeBackend(fail=True))
     r = post(url, "/v1/completions", {"model": "fake", "prompt": "hi"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
+    assert r.headers["retry-after"] == "1"
 
 
 def wait_for_cancel(backend: FakeBackend, timeout_s: float = 10.0) -> None:
