@@ -439,31 +439,39 @@ def denormals_kept() -> bool:
     return bool((tiny * np.float32(2.0**20))[0] == np.float32(2.0**-120))
 
 
+def kernel_args(fmt: str, codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> tuple:
+    """What the kernels take for one packed W: numpy views of its codes and scales (fp8 e8m0 scales as float32,
+    a copy of a few floats) and the tables. Callers holding W may keep this and pass it as `args` (building it
+    is a few microseconds a call); it shares W's memory, so it is valid while W is."""
+    return _args(fmt, codes, scale, block)
+
+
 def gemv_packed(x: torch.Tensor, fmt: str, codes: torch.Tensor, scale: torch.Tensor,
-                block: tuple[int, int] | None) -> torch.Tensor:
+                block: tuple[int, int] | None, args: tuple | None = None) -> torch.Tensor:
     """x [T, K] @ dequant(W).t() -> [T, N] float32 for W packed as `fmt` ("mxfp4" or "fp8"); `scale` as stored
-    (mxfp4: e8m0 [N, K/32]; fp8: float32 or e8m0 [ceil(N/bo), ceil(K/bi)])."""
+    (mxfp4: e8m0 [N, K/32]; fp8: float32 or e8m0 [ceil(N/bo), ceil(K/bi)]); `args`: kernel_args' for W."""
     kernel = _KERNELS[(fmt, _threads() > 1)]["gemv"]
     xn = (x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()).detach().numpy()
     out = np.empty((xn.shape[0], codes.shape[0]), dtype=np.float32)
-    kernel(xn, *_args(fmt, codes, scale, block), out)
+    kernel(xn, *(_args(fmt, codes, scale, block) if args is None else args), out)
     return torch.from_numpy(out)
 
 
 def decode_rows(fmt: str, codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, r0: int,
-                r1: int, out: torch.Tensor, kernel: str = "auto") -> None:
+                r1: int, out: torch.Tensor, kernel: str = "auto", args: tuple | None = None) -> None:
     """Rows r0:r1 of a packed W, dequantized into out [r1 - r0, K] (float32 or bfloat16, contiguous): a code
     value times its scale, the same products as experts/quant_formats' dequantizers (bfloat16: rounded to
     nearest even, as `.to(torch.bfloat16)` rounds). `kernel`: "auto" (bf16: the vectorized integer decode for
     mxfp4, the arithmetic one for fp8 where denormals are kept; fp32: the arithmetic one for fp8, the table for
-    mxfp4) or "table" (every weight through a 256-entry table: the first kernels, kept as the reference)."""
+    mxfp4) or "table" (every weight through a 256-entry table: the first kernels, kept as the reference).
+    `args`: kernel_args' for W, if the caller keeps it."""
     if out.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"decode_rows writes float32 or bfloat16 tiles, not {out.dtype}")
     if kernel not in ("auto", "table"):
         raise ValueError(f"decode_rows kernel must be 'auto' or 'table', not {kernel!r}")
     kernels = _KERNELS[(fmt, _threads() > 1)]
     name = "f32" if out.dtype == torch.float32 else "bf16"
-    args = _args(fmt, codes, scale, block)
+    args = _args(fmt, codes, scale, block) if args is None else args
     dst = out.numpy() if out.dtype == torch.float32 else out.view(torch.uint16).numpy()
     if fmt == "fp8" and (kernel == "table" or not denormals_kept()):
         kernels[name + "_table"](r0, r1, *args, dst)

@@ -90,6 +90,8 @@ class PackedExpertGroup:
         self._small_rows = SMALL_ROWS if self._tile_dtype == torch.float32 else SMALL_ROWS_REDUCED
         self._lut = _pair_lut(fmt, self._tile_dtype).to(self.device) if fmt != "int8" else None
         self._local = threading.local()  # per-thread decode buffers (local transports may call from threads)
+        # id(PackedWeight) -> (the weight, quant_kernels.kernel_args of it): numpy views, built once per slot
+        self._kargs: dict[int, tuple[PackedWeight, tuple]] = {}
 
     # ---- slots ---------------------------------------------------------------------------------------
     def load(self, layer: int, experts: dict[int, PackedExpert]) -> None:
@@ -101,8 +103,13 @@ class PackedExpertGroup:
                     raise ValueError(f"layer {layer} expert {e} {name}: packed {self.fmt} codes of shape "
                                      f"{tuple(w.codes.shape)}, expected {self._codes_shape(shape)}")
         held = self._layers.setdefault(layer, {})
-        held.update({e: PackedExpert(ex.w1.to(self.device), ex.w3.to(self.device), ex.w2.to(self.device))
-                     for e, ex in experts.items()})
+        for e, ex in experts.items():
+            if e in held:
+                self._forget(held[e])
+            held[e] = PackedExpert(ex.w1.to(self.device), ex.w3.to(self.device), ex.w2.to(self.device))
+            if self.fmt != "int8" and self._numba_decode(torch.float32):
+                for w in (held[e].w1, held[e].w3, held[e].w2):
+                    self._kargs[id(w)] = (w, quant_kernels.kernel_args(self.fmt, w.codes, w.scale, self.block))
 
     def unload(self, layer: int, expert_ids: list[int]) -> None:
         """Drop slots (for rebalancing and draining). Unknown ids raise KeyError naming them."""
@@ -111,9 +118,17 @@ class PackedExpertGroup:
         if missing:
             raise KeyError(f"layer {layer}: experts {missing} are not loaded here (loaded: {sorted(cur)})")
         for e in expert_ids:
-            del cur[e]
+            self._forget(cur.pop(e))
         if not cur:
             self._layers.pop(layer, None)
+
+    def _forget(self, ex: PackedExpert) -> None:
+        for w in (ex.w1, ex.w3, ex.w2):
+            self._kargs.pop(id(w), None)
+
+    def _kernel_args(self, w: PackedWeight) -> tuple | None:
+        held = self._kargs.get(id(w))
+        return held[1] if held is not None and held[0] is w else None
 
     def slots(self, layer: int) -> dict[int, int]:
         return {e: s for s, e in enumerate(sorted(self._layers.get(layer, {})))}
@@ -189,10 +204,12 @@ class PackedExpertGroup:
     def _expert_gemv(self, xs: torch.Tensor, ex: PackedExpert) -> torch.Tensor:
         """The fused-GEMV path, in float32 (the kernels' dtype) from the first GEMM to the last: two casts."""
         xf = xs.float()
-        gate = quant_kernels.gemv_packed(xf, self.fmt, ex.w1.codes, ex.w1.scale, self.block)
-        up = quant_kernels.gemv_packed(xf, self.fmt, ex.w3.codes, ex.w3.scale, self.block)
+        gate, up = (quant_kernels.gemv_packed(xf, self.fmt, w.codes, w.scale, self.block, self._kernel_args(w))
+                    for w in (ex.w1, ex.w3))
+        w2 = ex.w2
         act = self._act(gate, up)
-        return quant_kernels.gemv_packed(act, self.fmt, ex.w2.codes, ex.w2.scale, self.block).to(self.dtype)
+        return quant_kernels.gemv_packed(act, self.fmt, w2.codes, w2.scale, self.block,
+                                         self._kernel_args(w2)).to(self.dtype)
 
     def _expert_tiles(self, xs: torch.Tensor, ex: PackedExpert) -> torch.Tensor:
         """The tile path: rows r0:r1 of w1 and of w3 decoded into one tile [2n, D], one library GEMM for gate and
@@ -318,7 +335,8 @@ class PackedExpertGroup:
         float32, then cast), else code values by one table gather per two stored bytes, then times the scales."""
         rows, k = tile.shape
         if self._numba_decode(tile.dtype):
-            quant_kernels.decode_rows(self.fmt, w.codes, w.scale, self.block, r0, r1, tile)
+            quant_kernels.decode_rows(self.fmt, w.codes, w.scale, self.block, r0, r1, tile,
+                                      args=self._kernel_args(w))
             return
         codes = w.codes[r0:r1].reshape(-1)
         if codes.numel() % 2:  # an odd number of fp8 codes: no byte pairs (tiny odd shapes only)
