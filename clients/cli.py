@@ -71,6 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "stop": args.stop,
         "ignore_eos": args.ignore_eos,
+        "cache_salt": args.cache_salt,
     }
     last = None
     with _client(args) as client:
@@ -82,8 +83,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.verbose and last is not None and last.usage is not None:
         u = last.usage
         print(
-            f"[{last.finish_reason}] prompt {u.prompt_tokens} tokens, generated {u.completion_tokens} tokens, "
-            f"first token {u.time_to_first_token_s:.3f} s, total {u.total_s:.3f} s",
+            f"[{last.finish_reason}] prompt {u.prompt_tokens} tokens ({u.cached_tokens} cached), generated "
+            f"{u.completion_tokens} tokens, first token {u.time_to_first_token_s:.3f} s, total {u.total_s:.3f} s",
             file=sys.stderr,
         )
     return EXIT_OK
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="same seed, same output")
     gen.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--cache-salt", help="reuse only cached prefixes of requests with this salt (1-256 chars; "
+                                          "a per-tenant secret, vLLM's cache_salt)")
     gen.add_argument("-v", "--verbose", action="store_true", help="print finish reason and timings to stderr")
     gen.set_defaults(func=cmd_generate)
 

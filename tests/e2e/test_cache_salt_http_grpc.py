@@ -9,6 +9,7 @@ import pytest
 
 from moeray.actors.frontend import FrontendConfig, serve_frontend
 from moeray.actors.http import serve_http
+from moeray.clients.cli import main as cli_main
 from moeray.clients.client import MoerayClient
 from moeray.clients.messages import InvalidRequestError
 
@@ -79,5 +80,23 @@ def test_grpc_client_reuses_only_the_same_salt(loop_thread, real_backends):
             assert run("grpc-a").usage.cached_tokens > 0
             with pytest.raises(InvalidRequestError, match="cache_salt"):
                 run("x" * 257)
+    finally:
+        loop_thread.run(server.stop(0))
+
+
+def test_cli_generate_passes_the_salt(loop_thread, real_backends, capsys):
+    server, port = loop_thread.run(serve_frontend(real_backends, "127.0.0.1", 0, config=FrontendConfig()))
+    try:
+        def run(salt: str) -> str:
+            argv = ["generate", SHARED + "cli", "--address", f"127.0.0.1:{port}", "--max-tokens", "2",
+                    "--temperature", "0", "--ignore-eos", "--cache-salt", salt, "-v"]
+            assert cli_main(argv) == 0
+            return capsys.readouterr().err
+
+        assert "(0 cached)" in run("cli-a")
+        assert "(0 cached)" in run("cli-b")
+        assert "(0 cached)" not in run("cli-a")  # the same salt again: its prefix is reused
+        assert cli_main(["generate", "hi", "--address", f"127.0.0.1:{port}", "--cache-salt", "x" * 257]) != 0
+        assert "cache_salt" in capsys.readouterr().err
     finally:
         loop_thread.run(server.stop(0))
