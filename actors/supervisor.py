@@ -10,6 +10,10 @@ their requests through here, so there is one failover path:
              actor (the restarted one last), which rebuilds the request from the KV store and goes on
     retry    the actor is unreachable for a moment or slow to answer (ActorTransientError / ActorTimeoutError):
              poll the SAME actor again; the request is still running there
+    move     while another gating actor exists: unreachable for `move_after_s`, or a poll unanswered `move_after_s`
+             past its own timeout (a restarting actor answers "unavailable", or holds the call, until its
+             __init__ has loaded the model: seconds): resubmit there as on a failover, and cancel on the old
+             one (best effort: it frees the blocks if the actor was only slow)
     cancel   on an early exit, free the request's blocks where it runs
 
 Failures are typed (common.errors), never matched by message.
@@ -27,6 +31,7 @@ from moeray.actors.handles import GatingHandle
 from moeray.common.errors import (
     ActorError,
     ActorGoneError,
+    ActorTimeoutError,
     BackendUnavailableError,
     DuplicateRequestError,
 )
@@ -49,12 +54,13 @@ class Tracked:
 
 class RequestSupervisor:
     def __init__(self, gating: Sequence[GatingHandle], failover_timeout_s: float = 120.0, poll_s: float = 1.0,
-                 retry_s: float = 0.2) -> None:
+                 retry_s: float = 0.2, move_after_s: float = 2.0) -> None:
         self.gating = list(gating)
         self.failover_timeout_s = failover_timeout_s
-        self.poll_s, self.retry_s = poll_s, retry_s
+        self.poll_s, self.retry_s, self.move_after_s = poll_s, retry_s, move_after_s
         self.failovers = 0  # resubmissions after a lost gating actor (tests and metrics read it)
         self._rr = itertools.count()
+        self._background: set[asyncio.Task] = set()  # best-effort cancels on actors we moved away from
 
     def pick(self) -> int:
         return next(self._rr) % len(self.gating)
@@ -91,6 +97,11 @@ class RequestSupervisor:
                     await self._failover(rs)
                 elif isinstance(answer, ActorError):  # transient or slow: the same actor, after a pause
                     since = stalled_since.setdefault(gi, time.monotonic())
+                    held = isinstance(answer, ActorTimeoutError)  # the poll itself waited move_after_s extra
+                    if len(self.gating) > 1 and (held or time.monotonic() - since > self.move_after_s):
+                        stalled_since.pop(gi, None)
+                        await self._move(gi, rs)
+                        continue
                     if time.monotonic() - since > self.failover_timeout_s:
                         raise BackendUnavailableError(f"gating actor {gi} unreachable for "
                                                       f"{self.failover_timeout_s:.0f}s: {answer}") from answer
@@ -136,8 +147,26 @@ class RequestSupervisor:
         r.gating = gi
 
     async def _poll(self, gi: int, requests: list[Tracked]) -> dict[str, list[StepDelta]]:
-        # the actor answers within poll_s; past that plus a margin, call it slow (ActorTimeoutError)
-        return await self.gating[gi].poll([r.request_id for r in requests], self.poll_s).wait(self.poll_s + 30.0)
+        # the actor answers within poll_s; past that plus a margin, call it slow (ActorTimeoutError). With another
+        # actor to move to, the margin is move_after_s (its event loop answers polls during a long step)
+        margin = self.move_after_s if len(self.gating) > 1 else 30.0
+        return await self.gating[gi].poll([r.request_id for r in requests], self.poll_s).wait(self.poll_s + margin)
+
+    async def _move(self, gi: int, requests: list[Tracked]) -> None:
+        """Requests whose actor `gi` stays unreachable: resubmit them elsewhere, cancel them on `gi`."""
+        await self._failover(requests)
+        for r in requests:
+            if r.gating != gi:  # the call is sent now; only its answer is awaited in the background
+                task = asyncio.create_task(self._quietly(self.gating[gi].cancel(r.request_id)))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _quietly(reply) -> None:
+        try:
+            await reply.wait(30.0)
+        except ActorError:
+            pass  # restarted (it forgot the request) or gone: nothing is left to free
 
     async def _failover(self, requests: list[Tracked]) -> None:
         """Resubmit requests whose gating actor died or forgot them: other actors first, then that one."""

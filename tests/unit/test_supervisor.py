@@ -10,6 +10,7 @@ import pytest
 from moeray.actors.supervisor import LOST, RequestSupervisor, Tracked
 from moeray.common.errors import (
     ActorGoneError,
+    ActorTimeoutError,
     ActorTransientError,
     BackendUnavailableError,
     DuplicateRequestError,
@@ -164,3 +165,68 @@ def test_stream_cancels_when_the_caller_leaves_early():
 
     asyncio.run(go())
     assert g[0].cancelled == ["r0"]
+
+
+def test_unreachable_past_move_after_moves_to_another_actor_and_cancels_there():
+    # a restarting gating actor answers "unavailable" for seconds: with another actor at hand, stop waiting
+    g = [Gating(), Gating()]
+    sup = RequestSupervisor(g, retry_s=0.01, move_after_s=0.05)
+    r = Tracked("r0", [1, 2], SamplingParams(max_tokens=4), gating=0)
+
+    async def go():
+        toks = []
+        await sup.submit([r])
+        async for _, d in sup.run([r]):
+            toks.extend(d.token_ids)
+            if len(toks) == 2:
+                g[0].poll_faults.extend([ActorTransientError("restarting", "gating actor 0")] * 1000)
+        await asyncio.sleep(0)  # let the background cancel run
+        return toks
+
+    assert asyncio.run(go()) == [0, 1, 2, 3]  # one continuous stream, nothing repeated or skipped
+    assert g[1].submits == [("r0", [0, 1])] and r.gating == 1 and sup.failovers == 1
+    assert g[0].cancelled == ["r0"]
+
+
+def test_a_short_blip_does_not_move():
+    g = [Gating(), Gating()]
+    g[0].poll_faults = [ActorTransientError("blip", "gating actor 0")] * 2
+    sup = RequestSupervisor(g, retry_s=0.0, move_after_s=30.0)
+    out = collect(sup, [Tracked("r0", [1], SamplingParams(max_tokens=4), gating=0)])
+    assert out["r0"] == [0, 1, 2, 3] and g[1].submits == [] and g[0].cancelled == []
+
+
+class Held(Gating):
+    """A restarting actor that holds calls: polls never answer (until the caller's timeout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hold = False
+
+    def poll(self, rids, timeout_s=1.0):
+        if not self.hold:
+            return super().poll(rids, timeout_s)
+
+        class Never:
+            async def wait(self, timeout_s=None):
+                await asyncio.sleep(timeout_s)
+                raise ActorTimeoutError("no answer", "gating actor 0")
+
+        return Never()
+
+
+def test_a_held_poll_moves_after_its_margin():
+    g = [Held(), Gating()]
+    sup = RequestSupervisor(g, retry_s=0.0, poll_s=0.01, move_after_s=0.05)
+    r = Tracked("r0", [1, 2], SamplingParams(max_tokens=4), gating=0)
+
+    async def go():
+        toks = []
+        await sup.submit([r])
+        async for _, d in sup.run([r]):
+            toks.extend(d.token_ids)
+            g[0].hold = len(toks) >= 1
+        return toks
+
+    assert asyncio.run(go()) == [0, 1, 2, 3]
+    assert g[1].submits == [("r0", [0])] and g[0].cancelled == ["r0"]
