@@ -225,8 +225,16 @@ class PackedExpertGroup:
         gate_up = self._tiles(ex.w1, ex.w3)
         down = self._tiles(ex.w2, slot=1)
         if self._tile_rows(self.inter, 2 * self.hidden) == self.inter and self._tile_rows(self.hidden, self.inter) \
-                == self.hidden:
-            gate_up, down = [next(gate_up)], [next(down)]  # each a single tile, decoded now
+                == self.hidden:  # each a single tile, decoded now
+            args = [self._kernel_args(w) for w in (ex.w1, ex.w3, ex.w2)]
+            if self._numba_decode(self._tile_dtype) and all(a is not None for a in args):
+                d, i = self.hidden, self.inter
+                t13 = self._buffers(2 * i * d)[0][:2 * i * d].view(2 * i, d)
+                t2 = self._buffers(d * i, slot=1)[0][:d * i].view(d, i)
+                quant_kernels.decode_expert(self.fmt, tuple(args), t13, t2)  # one call for the three
+                gate_up, down = [(0, i, t13)], [(0, d, t2)]
+            else:
+                gate_up, down = [next(gate_up)], [next(down)]
         for r0, r1, tile in gate_up:
             n = r1 - r0
             if small:

@@ -297,3 +297,22 @@ def test_few_pairs_loop_matches_dequantized_fp32(fmt):
         assert diff <= 1e-5, diff
     with pytest.raises(KeyError, match="not loaded here"):
         pg.forward(0, x[:1], torch.tensor([0]), torch.tensor([E + 3]), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("fmt, scale_fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_expert_equals_decode_rows_of_each_weight(fmt, scale_fmt, dtype):
+    """One call for w1, w3 (into one [2I, D] tile) and w2 [D, I] equals three decode_rows (fp8: partial blocks)."""
+    d, i, block = 96, 64, (32, 40)
+    gen = torch.Generator().manual_seed(3)
+    ws = [torch.randn(i, d, generator=gen), torch.randn(i, d, generator=gen), torch.randn(d, i, generator=gen)]
+    packed = [quantize_mxfp4(w) if fmt == "mxfp4" else quantize_fp8_blocks(w, block, scale_fmt=scale_fmt)
+              for w in ws]
+    block = None if fmt == "mxfp4" else block
+    args = tuple(quant_kernels.kernel_args(fmt, c, s, block) for c, s in packed)
+    t13, t2 = torch.empty(2 * i, d, dtype=dtype), torch.empty(d, i, dtype=dtype)
+    quant_kernels.decode_expert(fmt, args, t13, t2)
+    r13, r2 = torch.empty(2 * i, d, dtype=dtype), torch.empty(d, i, dtype=dtype)
+    for (c, s), out in zip(packed, (r13[:i], r13[i:], r2), strict=True):
+        quant_kernels.decode_rows(fmt, c, s, block, 0, out.shape[0], out)
+    assert torch.equal(t13, r13) and torch.equal(t2, r2)
