@@ -3,7 +3,7 @@
 Stateless apart from its weights: any replica holding a slot can serve it; slots can be loaded and unloaded
 at run time (rebalancing, draining). The weights live on the actor's torch device (from its placement) in the
 serving dtype (`dtype`, `auto` resolved on that device). Calls use the wire of moeray.engine.wire: rows arrive as
-one buffer in the wire dtype and are read in place; they move to the device once; the answer returns in the
+one `bytes` in the wire dtype and are read in place; they move to the device once; the answer returns in the
 dtype the rows came in.
 """
 
@@ -18,7 +18,7 @@ import ray
 import torch
 
 from moeray.actors.devices import actor_options, torch_device
-from moeray.engine.wire import from_wire, to_wire, unpack_pairs
+from moeray.engine.wire import decode_call, encode_answer, unpack_pairs
 from moeray.models.checkpoint import Checkpoint, load_experts_into, new_expert_group
 from moeray.models.config import ModelConfig
 from moeray.models.dtypes import resolve_dtype
@@ -41,21 +41,24 @@ class ExpertGroupActor:
         # a restarted actor loads what the controller's current table gives it, not its constructor's slots
         self.load_slots(_current_slots(deployment, namespace, actor_id, slots))
         self._busy_s = 0.0
+        self._cpu_s = 0.0  # CPU time of this thread inside forward (busy_s is wall time: includes waiting for a core)
         self._rows = 0
         self._calls = 0
         self._started = time.monotonic()
         self._lock = threading.Lock()
 
-    def forward(self, layer: int, x: np.ndarray, meta: np.ndarray) -> np.ndarray:
-        """x [M, D] rows in the wire dtype, meta [3, P] (pair rows, expert ids, weights; engine.wire) -> [M, D]
-        weighted expert outputs per row, in the wire dtype."""
-        t0 = time.perf_counter()
-        pair_rows, expert_ids, weights = unpack_pairs(meta)
-        out = self.group.forward(layer, from_wire(x), pair_rows, expert_ids, weights)
+    def forward(self, layer: int, rows: bytes, meta: bytes) -> bytes:
+        """rows: [M, D] in the wire dtype, meta: header and pairs (pair rows, expert ids, weights), both as
+        engine.wire.encode_call makes them -> the [M, D] weighted expert outputs per row in the wire dtype
+        (encode_answer)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        x, pair_rows, expert_ids, weights = decode_call(rows, meta)
+        out = encode_answer(self.group.forward(layer, x, pair_rows, expert_ids, weights))
         self._busy_s += time.perf_counter() - t0
+        self._cpu_s += time.thread_time() - c0
         self._rows += int(pair_rows.shape[0])
         self._calls += 1
-        return to_wire(out)
+        return out
 
     def forward_tensor(self, layer: int, x: torch.Tensor, meta: np.ndarray, tensor_transport: str) -> list:
         """`forward` over Ray Direct Transport (actors/rdt.py): x [M, D] arrives as a tensor pulled by NIXL (on
@@ -89,7 +92,8 @@ class ExpertGroupActor:
 
     def stats(self) -> dict:
         """Load counters since start: busy seconds, rows (pairs) served, calls; node and device."""
-        return {"actor_id": self.actor_id, "busy_s": self._busy_s, "rows": self._rows, "calls": self._calls,
+        return {"actor_id": self.actor_id, "busy_s": self._busy_s, "cpu_s": self._cpu_s, "rows": self._rows,
+                "calls": self._calls,
                 "uptime_s": time.monotonic() - self._started, "device": str(self.device), "pid": os.getpid(),
                 "dtype": str(self.dtype).removeprefix("torch."), "placement": self.device_kind,
                 "torch_threads": torch.get_num_threads(),

@@ -1,10 +1,10 @@
 """RayTransport: the engine's ExpertTransport over expert-group actors (one call per target actor per layer).
 
-The wire (moeray.engine.wire): per target actor one contiguous row buffer in the wire dtype (the experts'
-compute dtype) plus a small inlined int32 routing array; answers come back in the wire dtype and are combined
-with one scatter. Failover, hedging and fail-fast are the state machine of moeray.engine.failover; this module
-binds it to Ray: sends are `forward.remote`, probes are `ping` (the actors' health concurrency group), Ray errors
-are classified once, by moeray.actors.handles.classify.
+The wire (moeray.engine.wire): per target actor one `bytes` of rows in the wire dtype (the experts' compute
+dtype) plus a small `bytes` of routing (header and int32 pairs); answers come back as `bytes` in the wire dtype
+and are combined with one scatter. Failover, hedging and fail-fast are the state machine of
+moeray.engine.failover; this module binds it to Ray: sends are `forward.remote`, probes are `ping` (the actors'
+health concurrency group), Ray errors are classified once, by moeray.actors.handles.classify.
 
 On a gating engine with a device (cuda, npu) the layer's routing ([N, K] ids and weights) comes to the host in one
 copy (the dispatch plan and the failover bookkeeping are host work); the rows are gathered on the device and
@@ -25,7 +25,7 @@ from moeray.actors.handles import ExpertHandle, classify
 from moeray.common.errors import ActorGoneError, ActorTimeoutError, ActorTransientError
 from moeray.engine.failover import ExpertCall, FailoverCaller, FailoverPolicy, Fault
 from moeray.engine.transport import ExpertLoad, ExpertRowsFailed
-from moeray.engine.wire import from_wire, host_routing, pack_pairs, pack_rows, scatter_rows, to_wire
+from moeray.engine.wire import decode_answer, encode_call, host_routing, pack_rows, scatter_rows
 from moeray.router.dispatch import ActorBatch
 from moeray.router.table import RoutingTable
 
@@ -61,8 +61,8 @@ class RayBackend:
         handle = self.actors.get(actor_id)
         if handle is None:  # a table entry whose handle has not arrived yet
             return failed_future(KeyError(f"no handle for expert actor {actor_id}"))
-        meta = pack_pairs(batch.pair_rows, batch.slot_ids, batch.weights)
-        return RefFuture(ExpertHandle(handle, actor_id).forward(layer, to_wire(x_rows), meta).ref)
+        rows, meta = encode_call(x_rows, batch.pair_rows, batch.slot_ids, batch.weights)
+        return RefFuture(ExpertHandle(handle, actor_id).forward(layer, rows, meta).ref)
 
     def probe(self, actor_id: int):
         return RefFuture(ExpertHandle(self.actors[actor_id], actor_id).ping().ref)
@@ -72,7 +72,7 @@ class RayBackend:
         return None if kind is None else _FAULTS.get(kind, Fault.GONE)
 
     def decode(self, answer: Any) -> torch.Tensor:
-        return from_wire(answer)
+        return decode_answer(answer)
 
     def answer(self, value: Any) -> Any:
         """A ready call's value -> the future's result (RDT: pulls the tensor the value refers to)."""

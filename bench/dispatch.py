@@ -4,15 +4,16 @@ to the same actors, and end-to-end Ray / in-process throughput, all in one run.
     python -m moeray.bench.dispatch [--quick] [--dtype float32] [--out bench/results/dispatch.json]
 
 Checkpoint: bench/engine.py's (qwen3_moe, hidden 512, 8 MoE layers, 16 experts top-2, fp32 safetensors).
-Systems: `ray` = deploy() on a private local Ray (num_cpus=2): 4 expert-group actors, 1 gating actor, no
-controller, 1 torch thread per actor; `local` = the same Engine with LocalTransport in this process, 1 thread.
+Systems: `ray` = deploy() on a private local Ray (num_cpus=2): 4 expert-group actors (--expert-groups), 1 gating
+actor, no controller, 1 torch thread per actor; `local` = the same Engine with LocalTransport in this process, 1 thread.
 Layer probe (from this process, interleaved rounds, medians): for T tokens routed by a random top-2 gate,
   ray      RayTransport submit + wait against the deployment's 4 expert actors
   local    LocalTransport on the same slots in this process (the in-process step)
   fanout   an empty call (`ping`) to exactly the actors the plan targets, all at once, waited for together
   rdt      (--tensor-transport nixl) RdtTransport on the same actors: rows and answers over Ray Direct Transport
   pieces   plan (plan_dispatch), pack (one gather into the wire dtype), encode (numpy views + routing array),
-           submit (all of dispatch incl. Ray task submission), combine (one scatter of the answers)
+           submit (all of dispatch incl. Ray task submission), combine (one scatter of the answers);
+           actor: the expert actors' time inside `forward` per call (wall, and CPU of its thread)
 Goal: (ray - local) / fanout <= 1.3 at T = 1, 16, 64.
 End to end: B requests (64-token prompts, `--output-len` greedy tokens, EOS ignored), tok/s of ray / local,
 and the fraction of expert-call time hidden behind compute (1 - blocked wait / call time, gating actor's
@@ -44,7 +45,7 @@ def _cpu_flags() -> list[str]:
 
 
 def build_systems(path: Path, dtype: str, micro_batches: int,
-                  tensor_transport: str = "object_store") -> tuple[Any, Any]:
+                  tensor_transport: str = "object_store", expert_groups: int = 4) -> tuple[Any, Any]:
     from moeray.actors.deploy import build_table, deploy
     from moeray.actors.gating import engine_config
     from moeray.common.config import ServeConfig
@@ -53,8 +54,8 @@ def build_systems(path: Path, dtype: str, micro_batches: int,
     from moeray.models.checkpoint import load_experts_into, new_expert_group
     from moeray.models.dtypes import resolve_dtype
 
-    cfg = ServeConfig(model=str(path), num_expert_groups=4, controller=False, torch_threads=1, dtype=dtype,
-                      micro_batches=micro_batches, namespace="moeray-bench-dispatch", kv_cache_blocks=1024,
+    cfg = ServeConfig(model=str(path), num_expert_groups=expert_groups, controller=False, torch_threads=1,
+                      dtype=dtype, micro_batches=micro_batches, namespace="moeray-bench-dispatch", kv_cache_blocks=1024,
                       tensor_transport=tensor_transport)
     dep = deploy(cfg)
     model_cfg, ckpt, dense = load_dense_checkpoint(path)
@@ -89,7 +90,7 @@ def _probe_tokens(dep, ray_tr, local_tr, t: int, repeats: int, dtype: torch.dtyp
     """One row of the layer probe: T = t tokens through the first MoE layer."""
     import ray
 
-    from moeray.engine.wire import pack_pairs, pack_rows, scatter_rows, to_wire
+    from moeray.engine.wire import encode_call, pack_rows, scatter_rows
     from moeray.router.dispatch import plan_dispatch
 
     cfg, table = dep.model_cfg, dep.table
@@ -108,7 +109,7 @@ def _probe_tokens(dep, ray_tr, local_tr, t: int, repeats: int, dtype: torch.dtyp
         "fanout": lambda: ray.get([a.ping.remote() for a in targets]),
         "plan": lambda: plan_dispatch(ids, w, slots, layer=layer),
         "pack": lambda: pack_rows(x, batches, dtype),
-        "encode": lambda: [(to_wire(p), pack_pairs(b.pair_rows, b.slot_ids, b.weights))
+        "encode": lambda: [encode_call(p, b.pair_rows, b.slot_ids, b.weights)
                            for p, b in zip(packed, batches, strict=True)],
         "combine": lambda: scatter_rows(t, cfg.hidden_size, batches, outs, dtype),
     }
@@ -121,12 +122,14 @@ def _probe_tokens(dep, ray_tr, local_tr, t: int, repeats: int, dtype: torch.dtyp
     busy1 = ray.get([a.stats.remote() for a in dep.expert_actors.values()])
     calls = sum(b["calls"] - a["calls"] for a, b in zip(busy0, busy1, strict=True))
     busy = sum(b["busy_s"] - a["busy_s"] for a, b in zip(busy0, busy1, strict=True))
+    cpu = sum(b.get("cpu_s", 0.0) - a.get("cpu_s", 0.0) for a, b in zip(busy0, busy1, strict=True))
     med = {k: statistics.median(v) for k, v in times.items()}
     over = med["ray"] - med["local"]
     extra = {"rdt_over_ray": med["rdt"] / med["ray"]} if "rdt" in med else {}
     return {**extra, "tokens": t, "target_actors": len(batches), **{f"{k}_s": v for k, v in med.items()},
             "submit_s": (ray_tr.stats["dispatch_s"] - sub0) / (repeats + 3),
-            "actor_compute_s_per_call": busy / max(calls, 1), "overhead_s": over,
+            "actor_compute_s_per_call": busy / max(calls, 1), "actor_cpu_s_per_call": cpu / max(calls, 1),
+            "overhead_s": over,
             "overhead_over_fanout": over / med["fanout"], "ray_over_local": med["ray"] / med["local"]}
 
 
@@ -181,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensor-transport", default="object_store", choices=["object_store", "nixl"],
                    help="the Ray system's ServeConfig.tensor_transport; nixl also times RDT next to the object "
                         "store in the layer probe (nixl on CPU actors: a diagnostic, not the device path's speed)")
+    p.add_argument("--expert-groups", type=int, default=4,
+                   help="ServeConfig.num_expert_groups of the Ray system (4: the issue's setup; 2: one per core here)")
     p.add_argument("--out", type=Path, default=Path("bench/results/dispatch.json"))
     args = p.parse_args(argv)
     import ray
@@ -193,12 +198,12 @@ def main(argv: list[str] | None = None) -> int:
                             Path(tempfile.mkdtemp()) / "ckpt")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              namespace="moeray-bench-dispatch")
-    dep, local = build_systems(path, args.dtype, args.micro_batches, args.tensor_transport)
+    dep, local = build_systems(path, args.dtype, args.micro_batches, args.tensor_transport, args.expert_groups)
     try:
         dt = resolve_dtype(args.dtype, "cpu")
         res: dict[str, Any] = {"bench": "dispatch", "host": host_info(), "cpu_flags": _cpu_flags(),
                                "dtype": str(dt).removeprefix("torch."), "micro_batches": args.micro_batches,
-                               "tensor_transport": args.tensor_transport}
+                               "tensor_transport": args.tensor_transport, "expert_groups": args.expert_groups}
         print("[1/2] one MoE layer, piece by piece ...", flush=True)
         res["layer"] = layer_probe(dep, local, BATCHES, 15 if args.quick else 60, dt)
         for r in res["layer"]:
@@ -206,13 +211,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['local_s'] * 1e3:6.2f}  fanout {r['fanout_s'] * 1e3:6.2f}  (ray-local)/fanout "
                   f"{r['overhead_over_fanout']:.2f}  | plan {r['plan_s'] * 1e3:.3f} pack {r['pack_s'] * 1e3:.3f} "
                   f"encode {r['encode_s'] * 1e3:.3f} submit {r['submit_s'] * 1e3:.3f} combine "
-                  f"{r['combine_s'] * 1e3:.3f} actor {r['actor_compute_s_per_call'] * 1e3:.3f} ms"
+                  f"{r['combine_s'] * 1e3:.3f} actor {r['actor_compute_s_per_call'] * 1e3:.3f} "
+                  f"(cpu {r['actor_cpu_s_per_call'] * 1e3:.3f}) ms"
                   + (f" | rdt {r['rdt_s'] * 1e3:.2f} ms = {r['rdt_over_ray']:.2f}x ray" if "rdt_s" in r else ""),
                   flush=True)
         if not args.skip_e2e:
             print("[2/2] end to end ...", flush=True)
             vocab = dep.model_cfg.vocab_size
-            dep_mb1 = build_systems(path, args.dtype, 1)[0] if args.compare_mb1 else None
+            dep_mb1 = (build_systems(path, args.dtype, 1, expert_groups=args.expert_groups)[0] if args.compare_mb1
+                       else None)
             try:
                 res["e2e"] = end_to_end(dep, local, BATCHES, args.output_len, 1 if args.quick else 3, vocab,
                                         dep_mb1)

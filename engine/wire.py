@@ -1,11 +1,13 @@
 """The expert call's wire format (what crosses the object store per target actor per MoE layer).
 
-A call carries two arrays:
-  x     [M, D] the token rows the actor needs, one contiguous buffer in the wire dtype (the experts' compute
-        dtype; bf16 travels as its int16 bit pattern since numpy has no bf16)
-  meta  [3, P] int32: pair_rows, expert ids, gate weights (float32 bit pattern): small, so Ray inlines it
-The answer is [M, D] in the wire dtype, same encoding. Both sides read the arrays without copying
-(`torch.from_numpy` on the object-store buffer; read-only: the expert math never writes its inputs).
+A call carries two `bytes` (msgpack-native: Ray serializes them without pickling; measured on this box, per call
+~0.35 ms less CPU in the actor and ~0.1 ms less in the caller than the same data as numpy arrays):
+  rows  [M, D] the token rows the actor needs, raw, in the wire dtype (the experts' compute dtype)
+  meta  int32: a header (dtype code, M, D, P), then pair_rows [P], expert ids [P], gate weights [P] (float32 bits)
+The answer is one `bytes`: a header (dtype code, M, D) and [M, D] raw in the wire dtype. The sender makes one
+copy (`tobytes`), Ray's unpacking one more (msgpack -> bytes: microseconds at these sizes); after that both
+sides read in place (`torch.frombuffer`; read-only: the expert math never writes its inputs). RDT
+(actors/rdt.py) sends tensors instead and keeps the [3, P] numpy meta of `pack_pairs`.
 
 `pack_rows` gathers every target actor's rows with one index_select (on the engine's device) and, for the
 object store, moves them to the host in one copy; `scatter_rows` combines every answer with one index_add on the
@@ -15,6 +17,7 @@ Legend: T = tokens in the layer, D = hidden, M = rows one actor receives, P = it
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Sequence
 
@@ -25,10 +28,79 @@ from moeray.router.dispatch import ActorBatch
 
 _BITS = {torch.bfloat16: torch.int16}  # dtypes numpy lacks travel as their bit pattern
 _FROM_BITS = {np.dtype(np.int16): torch.bfloat16}  # activations are never int16, so the code is unambiguous
+_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}  # wire dtype <-> code in the headers
+_DTYPES = {c: d for d, c in _CODES.items()}
+_META_HEAD = 4  # int32s before the pairs: dtype code, M, D, P
+_ANSWER_HEAD = struct.Struct("<4i")  # dtype code, M, D, 0 (16 bytes: the rows stay 16-byte aligned)
+# frombuffer over received (immutable) bytes: torch warns that the tensor is not writable; nothing writes it
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+def _code(dtype: torch.dtype) -> int:
+    code = _CODES.get(dtype)
+    if code is None:
+        raise ValueError(f"wire dtype {dtype} is not one of {sorted(str(d) for d in _CODES)}")
+    return code
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor -> a numpy view of its bytes (no copy)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    bits = _BITS.get(t.dtype)
+    return (t.view(bits) if bits is not None else t).contiguous().numpy()
+
+
+def encode_call(x_rows: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
+                weights: torch.Tensor) -> tuple[bytes, bytes]:
+    """x_rows [M, D] in the wire dtype, pair_rows / expert_ids / weights [P] -> (rows, meta) bytes."""
+    m, d = x_rows.shape
+    p = int(pair_rows.numel())
+    meta = np.empty(_META_HEAD + 3 * p, dtype=np.int32)
+    meta[:_META_HEAD] = (_code(x_rows.dtype), m, d, p)
+    meta[_META_HEAD:_META_HEAD + p] = pair_rows.numpy()
+    meta[_META_HEAD + p:_META_HEAD + 2 * p] = expert_ids.numpy()
+    meta[_META_HEAD + 2 * p:] = weights.to(torch.float32).numpy().view(np.int32)
+    return _raw(x_rows).tobytes(), meta.tobytes()
+
+
+def decode_call(rows: bytes, meta: bytes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `encode_call`, reading both buffers in place -> (x [M, D] in the wire dtype, pair_rows [P]
+    int64, expert_ids [P] int64, weights [P] float32)."""
+    head = torch.frombuffer(meta, dtype=torch.int32)
+    code, m, d, p = head[:_META_HEAD].tolist()
+    if head.numel() != _META_HEAD + 3 * p:
+        raise ValueError(f"expert call meta holds {head.numel()} int32s, its header says {_META_HEAD + 3 * p}")
+    dtype = _DTYPES.get(code)
+    if dtype is None:
+        raise ValueError(f"expert call rows have unknown dtype code {code}")
+    pairs = head[_META_HEAD:].view(3, p)
+    x = torch.frombuffer(rows, dtype=dtype) if m * d else torch.empty(0, dtype=dtype)
+    if x.numel() != m * d:
+        raise ValueError(f"expert call rows hold {x.numel()} values, the header says [{m}, {d}]")
+    return x.view(m, d), pairs[0].long(), pairs[1].long(), pairs[2].view(torch.float32)
+
+
+def encode_answer(out: torch.Tensor) -> bytes:
+    """An actor's answer [M, D] (in the wire dtype) -> bytes: header and the raw rows (one copy)."""
+    m, d = out.shape
+    return b"".join((_ANSWER_HEAD.pack(_code(out.dtype), m, d, 0), _raw(out)))
+
+
+def decode_answer(buf: bytes) -> torch.Tensor:
+    """The inverse of `encode_answer`, in place -> [M, D] in the wire dtype."""
+    code, m, d, _ = _ANSWER_HEAD.unpack_from(buf)
+    dtype = _DTYPES.get(code)
+    if dtype is None:
+        raise ValueError(f"expert answer has unknown dtype code {code}")
+    if not m * d:
+        return torch.empty(m, d, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype, offset=_ANSWER_HEAD.size, count=m * d).view(m, d)
 
 
 def to_wire(t: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU tensor -> a numpy view of the same memory (no copy)."""
+    """A contiguous CPU tensor -> a numpy view of the same memory (no copy; RDT's meta and tests)."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()

@@ -16,9 +16,11 @@ M = token rows one actor receives, P = (token, choice) pairs one actor computes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moeray.router.table import NoReplicaError
@@ -75,10 +77,18 @@ def plan_dispatch(
     num_tokens, k = topk_ids.shape
     if num_tokens * k == 0:
         return []
+    plan = _plan_host if topk_ids.device.type == "cpu" else _plan_torch  # same batches (tests compare them)
+    return plan(topk_ids, topk_weights, layer_slots, excluded or (), layer)
+
+
+def _plan_torch(topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer_slots: Sequence[Sequence[int]],
+                excluded: Collection[int], layer: int | None) -> list[ActorBatch]:
+    """plan_dispatch's steps 2-5 in torch, on the routing's device."""
+    num_tokens, k = topk_ids.shape
     device = topk_ids.device
 
     # 2. live replicas per expert; every routed expert needs one
-    replica_ids, num_live = live_replicas(layer_slots, excluded or (), device)  # [E, R], [E]
+    replica_ids, num_live = live_replicas(layer_slots, excluded, device)  # [E, R], [E]
     pair_live = num_live[topk_ids]  # [T, K]
     if bool((pair_live == 0).any()):
         expert = int(topk_ids[pair_live == 0][0])
@@ -99,6 +109,48 @@ def plan_dispatch(
     for actor, pairs in zip(actors.tolist(), torch.split(order, counts.tolist()), strict=True):
         token_ids, pair_rows = torch.unique_consecutive(pairs // k, return_inverse=True)  # [M], [P]
         batches.append(ActorBatch(actor, token_ids, pair_rows, flat_ids[pairs], flat_weights[pairs]))
+    return batches
+
+
+@functools.lru_cache(maxsize=256)
+def _live_host(layer_slots: tuple, excluded: frozenset) -> tuple[np.ndarray, np.ndarray]:
+    """`live_replicas` as numpy arrays, cached per (table's layer slots, excluded): tables are immutable."""
+    replica_ids, num_live = live_replicas(layer_slots, excluded)
+    return replica_ids.numpy(), num_live.numpy()
+
+
+def _plan_host(topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer_slots: Sequence[Sequence[int]],
+               excluded: Collection[int], layer: int | None) -> list[ActorBatch]:
+    """plan_dispatch's steps 2-5 for host tensors, in numpy (a decode-sized plan is a few dozen tiny ops: numpy's
+    per-op cost is a fraction of torch's). Same batches, same dtypes as the torch steps (a test compares them)."""
+    num_tokens, k = topk_ids.shape
+    try:
+        replica_ids, num_live = _live_host(tuple(layer_slots), frozenset(excluded))
+    except TypeError:  # unhashable slots (lists): not cached
+        replica_ids, num_live = (t.numpy() for t in live_replicas(layer_slots, excluded))
+    ids = topk_ids.numpy()  # [T, K]
+    pair_live = num_live[ids]  # [T, K]
+    if (pair_live == 0).any():
+        expert = int(ids[pair_live == 0][0])
+        raise NoReplicaError(layer, expert, layer_slots[expert])
+    pair_actor = replica_ids[ids, np.arange(num_tokens)[:, None] % pair_live]  # [T, K]
+    flat_actor = pair_actor.reshape(-1)  # [T*K]
+    order = np.argsort(flat_actor, kind="stable")  # [T*K]: pairs grouped by actor, in token order within
+    actors, starts, counts = np.unique(flat_actor[order], return_index=True, return_counts=True)  # [A]
+    flat_ids = ids.reshape(-1)
+    flat_weights = topk_weights.reshape(-1)
+    host_weights = flat_weights.numpy() if flat_weights.dtype in (torch.float32, torch.float64) else None
+    batches = []
+    for actor, start, count in zip(actors.tolist(), starts.tolist(), counts.tolist(), strict=True):
+        pairs = order[start:start + count]  # [P] ascending
+        tokens = pairs // k  # [P] non-decreasing
+        first = np.empty(count, dtype=bool)  # [P] first pair of each distinct token
+        first[0] = True
+        np.not_equal(tokens[1:], tokens[:-1], out=first[1:])
+        w = (torch.from_numpy(host_weights[pairs]) if host_weights is not None
+             else flat_weights[torch.from_numpy(pairs)])
+        batches.append(ActorBatch(actor, torch.from_numpy(tokens[first]), torch.from_numpy(np.cumsum(first) - 1),
+                                  torch.from_numpy(flat_ids[pairs]), w))
     return batches
 
 

@@ -123,3 +123,26 @@ def test_combine_rejects_wrong_output_shape():
     batches = plan_dispatch(torch.tensor([[0], [0]]), torch.ones(2, 1), [(0,)])
     with pytest.raises(ValueError, match="actor 0 returned shape"):
         combine(2, D, batches, [torch.zeros(1, D)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_host_plan_equals_the_torch_plan(seed):
+    """plan_dispatch plans host routing in numpy (_plan_host), device routing in torch (_plan_torch): the same
+    batches, bit for bit and dtype for dtype, with replicas, exclusions and weights of any float dtype."""
+    from moeray.router.dispatch import _plan_host, _plan_torch
+
+    g = torch.Generator().manual_seed(seed)
+    num_experts, k = 8, 2
+    tokens = [1, 3, 16, 64, 200, 5][seed]
+    slots = [tuple(int(a) for a in torch.randperm(4, generator=g)[: 1 + (e + seed) % 3]) for e in range(num_experts)]
+    ids = torch.rand(tokens, num_experts, generator=g).topk(k).indices
+    weights = torch.rand(tokens, k, generator=g).to([torch.float32, torch.bfloat16][seed % 2])
+    excluded = {seed % 4} if all(len([a for a in r if a != seed % 4]) for r in slots) else set()
+    for slot_arg in (tuple(slots), [list(r) for r in slots]):  # cached (hashable) and uncached slots
+        host = _plan_host(ids, weights, slot_arg, excluded, 0)
+        ref = _plan_torch(ids, weights, slot_arg, excluded, 0)
+        assert [b.actor_id for b in host] == [b.actor_id for b in ref]
+        for a, b in zip(host, ref, strict=True):
+            for name in ("token_ids", "pair_rows", "slot_ids", "weights"):
+                x, y = getattr(a, name), getattr(b, name)
+                assert x.dtype == y.dtype and torch.equal(x, y), name
