@@ -293,14 +293,18 @@ def _fp8_tile_kernel(lut_fill, lut_dtype):
     return decode
 
 
+_FP8_SIGN_MAG = np.int32(np.uint32(0x87F00000).view(np.int32))  # float32 bits 31 (sign) and 26..20 (magnitude)
+
+
 def _fp8_arith_kernel(to_bf16):
     """rows r0:r1 of an fp8 W -> out (bf16 bits u16 or float32 bits u32) by arithmetic on 32-bit lanes, no table:
     the code's 7 magnitude bits shifted to a float32's exponent/mantissa position are its value times 2^-120
     (e4m3's subnormals land on float32 subnormals), so one multiply by scale x 2^120 gives value x scale, rounded
     once as `w.float() * scale` rounds (needs no denormals-are-zero; the caller checks). Blocks whose scale
     x 2^120 overflows (scale >= 2^8) take two multiplies (x 2^120: the value, exact; then x scale; compiled
-    without fastmath, which would fold them into one). The sign is OR-ed in after
-    rounding, NaN codes (0x7F, 0xFF) by a select. 1-D row slices: 2-D indexing here is not vectorized."""
+    without fastmath, which would fold them into one). code << 24, arithmetic >> 4 and a mask place the sign at
+    bit 31 and the magnitude at 26..20 in three ops (1.1x the separate sign), and rounding carries the sign
+    along; NaN codes (0x7F, 0xFF) by a select. 1-D row slices: 2-D indexing here is not vectorized."""
     def decode(r0, r1, codes, scales, block, out):
         bo, bi = block[0], block[1]
         k = codes.shape[1]
@@ -318,6 +322,19 @@ def _fp8_arith_kernel(to_bf16):
                     pre, post = np.float32(1.0), np.float32(sc * np.float32(2.0**120))
                     if not post < np.float32(3e38):  # scale >= 2^8 (or inf/NaN): the code's value, then x scale
                         pre, post = np.float32(2.0**120), sc
+                    else:  # the common block: sign and magnitude placed by two shifts and a mask
+                        for j in range(n):
+                            b = np.int32(c[j])
+                            t = np.int32(np.int32(np.int32(b << np.int32(24)) >> np.int32(4)) & _FP8_SIGN_MAG)
+                            u = _as_i32(np.float32(_as_f32(t) * post))
+                            nan = np.int32(b & c7f) == c7f
+                            if to_bf16:  # round to nearest even (the sign rides along in bit 31)
+                                v = np.int32(np.int32(u + np.int32(np.int32(0x7FFF) + np.int32(
+                                    np.int32(u >> np.int32(16)) & np.int32(1)))) >> np.int32(16))
+                                o[j] = np.uint16(np.int32(v | np.int32(0x7FC0)) if nan else v)
+                            else:
+                                o[j] = np.uint32(np.int32(u | np.int32(0x7FC00000)) if nan else u)
+                        continue
                     for j in range(n):
                         b = np.int32(c[j])
                         mag = np.int32(b & c7f)
