@@ -87,6 +87,20 @@ def reqs(n: int = 2) -> list[Tracked]:
     return [Tracked(f"r{i}", [1, 2], SamplingParams(max_tokens=4)) for i in range(n)]
 
 
+def stream(sup: RequestSupervisor, r: Tracked, on_tokens) -> list[int]:
+    """One request's tokens; on_tokens(tokens so far) runs after every delta (to inject a fault mid-stream)."""
+    async def go():
+        toks: list[int] = []
+        await sup.submit([r])
+        async for _, d in sup.run([r]):
+            toks.extend(d.token_ids)
+            on_tokens(toks)
+        await asyncio.sleep(0)  # let background calls (a cancel on a moved-from actor) run
+        return toks
+
+    return asyncio.run(go())
+
+
 def test_requests_spread_round_robin_and_finish():
     g = [Gating(), Gating()]
     out = collect(RequestSupervisor(g), reqs(2))
@@ -99,16 +113,11 @@ def test_dead_actor_resubmits_elsewhere_with_the_tokens_streamed():
     sup = RequestSupervisor(g, retry_s=0.0)
     r = Tracked("r0", [1, 2], SamplingParams(max_tokens=4), gating=0)
 
-    async def go():
-        toks = []
-        await sup.submit([r])
-        async for _, d in sup.run([r]):
-            toks.extend(d.token_ids)
-            if len(toks) == 2:
-                g[0].poll_faults.append(ActorGoneError("died", "gating actor 0"))
-        return toks
+    def die(toks):
+        if len(toks) == 2:
+            g[0].poll_faults.append(ActorGoneError("died", "gating actor 0"))
 
-    assert asyncio.run(go()) == [0, 1, 2, 3]  # one continuous stream
+    assert stream(sup, r, die) == [0, 1, 2, 3]  # one continuous stream
     assert g[1].submits == [("r0", [0, 1])] and sup.failovers == 1 and r.gating == 1
 
 
@@ -173,17 +182,11 @@ def test_unreachable_past_move_after_moves_to_another_actor_and_cancels_there():
     sup = RequestSupervisor(g, retry_s=0.01, move_after_s=0.05)
     r = Tracked("r0", [1, 2], SamplingParams(max_tokens=4), gating=0)
 
-    async def go():
-        toks = []
-        await sup.submit([r])
-        async for _, d in sup.run([r]):
-            toks.extend(d.token_ids)
-            if len(toks) == 2:
-                g[0].poll_faults.extend([ActorTransientError("restarting", "gating actor 0")] * 1000)
-        await asyncio.sleep(0)  # let the background cancel run
-        return toks
+    def restart(toks):
+        if len(toks) == 2:
+            g[0].poll_faults.extend([ActorTransientError("restarting", "gating actor 0")] * 1000)
 
-    assert asyncio.run(go()) == [0, 1, 2, 3]  # one continuous stream, nothing repeated or skipped
+    assert stream(sup, r, restart) == [0, 1, 2, 3]  # one continuous stream, nothing repeated or skipped
     assert g[1].submits == [("r0", [0, 1])] and r.gating == 1 and sup.failovers == 1
     assert g[0].cancelled == ["r0"]
 
@@ -220,13 +223,8 @@ def test_a_held_poll_moves_after_its_margin():
     sup = RequestSupervisor(g, retry_s=0.0, poll_s=0.01, move_after_s=0.05)
     r = Tracked("r0", [1, 2], SamplingParams(max_tokens=4), gating=0)
 
-    async def go():
-        toks = []
-        await sup.submit([r])
-        async for _, d in sup.run([r]):
-            toks.extend(d.token_ids)
-            g[0].hold = len(toks) >= 1
-        return toks
+    def hold(toks):
+        g[0].hold = len(toks) >= 1
 
-    assert asyncio.run(go()) == [0, 1, 2, 3]
+    assert stream(sup, r, hold) == [0, 1, 2, 3]
     assert g[1].submits == [("r0", [0])] and g[0].cancelled == ["r0"]
