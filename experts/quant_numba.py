@@ -91,8 +91,10 @@ def _mxfp4_row_in_range_py(scales, r):  # whether row r's scale bytes keep every
     return fast
 
 
-def _mxfp4_row_bf16_py(codes, scales, r, dst):  # row r -> bf16 bits in dst[0, :K] (u16), scales in range
-    # the integer decode of _mxfp4_bf16_kernel (16-bit lanes)
+def _mxfp4_row_bf16_py(codes, scales, r, dst, o):  # row r -> bf16 bits in dst[o, :K] (u16), scales in range
+    # 16-bit lanes throughout (numba types integer arithmetic as int64 unless every step is cast back: 64-bit
+    # lanes measured 2.5x slower); per nibble m = code & 7 the bits are a + 64 (m + min(m, 2)) (0 for m = 0)
+    # with a = (s << 7) - 0x100: e2m1's 0.5 (m = 1) is 0x3F00 + (s - 127) << 7, m >= 2 adds 64 per code step.
     u16 = np.uint16
     z, c2, c7, c8, c80 = u16(0), u16(2), u16(7), u16(8), u16(0x80)
     for g in range(scales.shape[1]):
@@ -105,8 +107,8 @@ def _mxfp4_row_bf16_py(codes, scales, r, dst):  # row r -> bf16 bits in dst[0, :
             vh = u16(a + u16(u16(hi + min(hi, c2)) << u16(6)))
             vl = vl if lo != z else z
             vh = vh if hi != z else z
-            dst[0, g * 32 + 2 * j] = u16(vl | u16(u16(b & c8) << u16(12)))
-            dst[0, g * 32 + 2 * j + 1] = u16(vh | u16(u16(b & c80) << u16(8)))
+            dst[o, g * 32 + 2 * j] = u16(vl | u16(u16(b & c8) << u16(12)))
+            dst[o, g * 32 + 2 * j + 1] = u16(vh | u16(u16(b & c80) << u16(8)))
 
 
 def _dots_bf16_py(x, buf, n, out):  # _dots over a row held as bf16 bits (u16), widened exactly to float32
@@ -179,7 +181,7 @@ def _mxfp4_gemv_kernel(x, codes, scales, e8m0, pairs, out):  # x [T, K] f32 -> o
         for n in range(ch * CHUNK_ROWS, min(num_rows, ch * CHUNK_ROWS + CHUNK_ROWS)):
             _prefetch_row(codes, n + PREFETCH_ROWS)
             if _mxfp4_row_in_range(scales, n):
-                _mxfp4_row_bf16(codes, scales, n, row)
+                _mxfp4_row_bf16(codes, scales, n, row, 0)
                 _dots_bf16(x, row, n, out)
             else:
                 _mxfp4_row(codes, scales, n, e8m0, pairs, buf, 0)
@@ -219,34 +221,15 @@ def _mxfp4_f32_kernel(r0, r1, codes, scales, e8m0, pairs, out):  # rows r0:r1 of
 
 
 def _mxfp4_bf16_kernel(r0, r1, codes, scales, e8m0, pairs, out):  # rows r0:r1 of W -> out [r1 - r0, K] bf16 bits
-    # 16-bit lanes throughout (numba types integer arithmetic as int64 unless every step is cast back: 64-bit
-    # lanes measured 2.5x slower); per nibble m = code & 7 the bits are a + 64 (m + min(m, 2)) (0 for m = 0)
-    # with a = (s << 7) - 0x100: e2m1's 0.5 (m = 1) is 0x3F00 + (s - 127) << 7, m >= 2 adds 64 per code step.
-    # Rows with a scale byte that would leave bf16's normal range (never on the hub) are redone by the table
-    # afterwards (a branch inside this loop measured 1.35x slower).
-    u16 = np.uint16
-    z, c2, c7, c8, c80 = u16(0), u16(2), u16(7), u16(8), u16(0x80)
+    # the row decode of _mxfp4_row_bf16, inlined. Rows with a scale byte that would leave bf16's normal range
+    # (never on the hub) are redone by the table afterwards (a branch inside this loop measured 1.35x slower).
     for ch in prange((r1 - r0 + CHUNK_ROWS - 1) // CHUNK_ROWS):
         for r in range(r0 + ch * CHUNK_ROWS, min(r1, r0 + ch * CHUNK_ROWS + CHUNK_ROWS)):
             _prefetch_row(codes, r + PREFETCH_ROWS)
-            for g in range(scales.shape[1]):
-                a = u16(u16(u16(scales[r, g]) << u16(7)) - u16(0x100))
-                for j in range(16):
-                    b = u16(codes[r, g * 16 + j])
-                    lo = u16(b & c7)
-                    hi = u16(u16(b >> u16(4)) & c7)
-                    vl = u16(a + u16(u16(lo + min(lo, c2)) << u16(6)))
-                    vh = u16(a + u16(u16(hi + min(hi, c2)) << u16(6)))
-                    vl = vl if lo != z else z
-                    vh = vh if hi != z else z
-                    out[r - r0, g * 32 + 2 * j] = u16(vl | u16(u16(b & c8) << u16(12)))
-                    out[r - r0, g * 32 + 2 * j + 1] = u16(vh | u16(u16(b & c80) << u16(8)))
+            _mxfp4_row_bf16(codes, scales, r, out, r - r0)
     buf = np.empty((1, out.shape[1]), np.float32)
     for r in range(r0, r1):
-        fast = True
-        for g in range(scales.shape[1]):
-            fast &= E8M0_BITS_MIN <= scales[r, g] <= E8M0_BITS_MAX
-        if not fast:
+        if not _mxfp4_row_in_range(scales, r):
             _mxfp4_row(codes, scales, r, e8m0, pairs, buf, 0)
             _to_bf16(buf, out, r - r0)
 
