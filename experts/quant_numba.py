@@ -111,24 +111,6 @@ def _mxfp4_row_bf16_py(codes, scales, r, dst, o):  # row r -> bf16 bits in dst[o
             dst[o, g * 32 + 2 * j + 1] = u16(vh | u16(u16(b & c80) << u16(8)))
 
 
-def _dots_bf16_py(x, buf, n, out):  # _dots over a row held as bf16 bits (u16), widened exactly to float32
-    t_rows, k = x.shape
-    for t in range(0, t_rows - 3, 4):
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for j in range(k):
-            v = _as_f32(np.int32(np.int32(buf[0, j]) << np.int32(16)))
-            a0 += v * x[t, j]
-            a1 += v * x[t + 1, j]
-            a2 += v * x[t + 2, j]
-            a3 += v * x[t + 3, j]
-        out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = a0, a1, a2, a3
-    for t in range(t_rows - t_rows % 4, t_rows):
-        acc = np.float32(0.0)
-        for j in range(k):
-            acc += _as_f32(np.int32(np.int32(buf[0, j]) << np.int32(16))) * x[t, j]
-        out[t, n] = acc
-
-
 def _fp8_band_small_scales_py(scales, band):  # whether every block scale of the band x 2^120 is finite (< 2^8)
     ok = True
     for kb in range(scales.shape[1]):
@@ -155,22 +137,39 @@ def _fp8_row_bits_py(codes, scales, band, r, bi, bits):  # row r -> float32 bits
 
 
 # ---- kernels, built per (format, parallel) -----------------------------------------------------------------
-def _dots_py(x, buf, n, out):  # out[:, n] = x [T, K] @ buf[0] (f32), four rows of x per pass over buf
-    t_rows, k = x.shape
-    for t in range(0, t_rows - 3, 4):
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for j in range(k):
-            v = buf[0, j]
-            a0 += v * x[t, j]
-            a1 += v * x[t + 1, j]
-            a2 += v * x[t + 2, j]
-            a3 += v * x[t + 3, j]
-        out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = a0, a1, a2, a3
-    for t in range(t_rows - t_rows % 4, t_rows):
-        acc = np.float32(0.0)
-        for j in range(k):
-            acc += buf[0, j] * x[t, j]
-        out[t, n] = acc
+def _dots_kernel(load):
+    """out[:, n] = x [T, K] @ row, the row read through load(buf, j) -> float32 (buf [1, K]: float32, or bf16 bits
+    widened exactly), four rows of x per pass over it."""
+    def dots(x, buf, n, out):
+        t_rows, k = x.shape
+        for t in range(0, t_rows - 3, 4):
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(k):
+                v = load(buf, j)
+                a0 += v * x[t, j]
+                a1 += v * x[t + 1, j]
+                a2 += v * x[t + 2, j]
+                a3 += v * x[t + 3, j]
+            out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = a0, a1, a2, a3
+        for t in range(t_rows - t_rows % 4, t_rows):
+            acc = np.float32(0.0)
+            for j in range(k):
+                acc += load(buf, j) * x[t, j]
+            out[t, n] = acc
+    return dots
+
+
+def _named(fn, name: str):
+    fn.__qualname__ = fn.__name__ = name
+    return fn
+
+
+def _load_f32_py(buf, j):
+    return buf[0, j]
+
+
+def _load_bf16_py(buf, j):  # bf16 bits (u16) -> float32, exactly
+    return _as_f32(np.int32(np.int32(buf[0, j]) << np.int32(16)))
 
 
 def _mxfp4_gemv_kernel(x, codes, scales, e8m0, pairs, out):  # x [T, K] f32 -> out [T, N] f32
@@ -349,16 +348,17 @@ if numba is not None:
     _to_bf16 = _inline(_to_bf16_py)
     _e2m1_bf16 = _inline(_e2m1_bf16_py)
     _mxfp4_row = _inline(_mxfp4_row_py)
-    _dots = _inline(_dots_py)
     _fp8_lut_f32 = _inline(_fp8_band_lut_f32_py)
     _fp8_lut_bf16 = _inline(_fp8_band_lut_bf16_py)
     from moeray.experts.numba_intrinsics import intrinsics
 
     _as_f32, _as_i32, _prefetch = intrinsics()
+    # the two dots differ only in their load; distinct names, since numba's cache is keyed by name and signature
+    _dots = _inline(_named(_dots_kernel(_inline(_load_f32_py)), "dots_f32"))
+    _dots_bf16 = _inline(_named(_dots_kernel(_inline(_load_bf16_py)), "dots_bf16"))
     _prefetch_row = _inline(_prefetch_row_py)
     _mxfp4_row_in_range = _inline(_mxfp4_row_in_range_py)
     _mxfp4_row_bf16 = _inline(_mxfp4_row_bf16_py)
-    _dots_bf16 = _inline(_dots_bf16_py)
     _fp8_band_small_scales = _inline(_fp8_band_small_scales_py)
     _fp8_row_bits = _inline(_fp8_row_bits_py)
     for _par in (False, True):
