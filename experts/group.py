@@ -39,6 +39,31 @@ def use_batched(counts: list[int]) -> bool:
     return len(counts) > 1 and hit >= BATCHED_MIN_HIT * len(counts) and sum(counts) <= BATCHED_MAX_ROWS * hit
 
 
+def pair_loop(layer: int, held, xs: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
+              weights: torch.Tensor, hidden: int, expert) -> torch.Tensor:
+    """A few pairs (<= TINY_PAIRS, B = 1 decode): each pair's expert(x row [1, D], expert id) on its row,
+    accumulated in place -> [M, D] in xs's dtype. No sort, bincount or gather: at this size each of those is a
+    dispatch costing as much as the arithmetic. Same dot products as the loop over slots; the weight multiplies
+    inside the accumulation (last-bit differences). One row sent (every pair on row 0): the first pair's output
+    becomes the accumulator, no zeros and no row slices. `held`: the expert ids loaded (KeyError names others)."""
+    ids = expert_ids.tolist()
+    missing = sorted({e for e in ids if e not in held})
+    if missing:
+        raise KeyError(f"layer {layer}: experts {missing} are not loaded here (loaded: {sorted(held)})")
+    one_row = xs.shape[0] == 1
+    rows = [0] * len(ids) if one_row else pair_rows.tolist()
+    out = None if one_row else torch.zeros(xs.shape[0], hidden, dtype=xs.dtype, device=xs.device)
+    for r, e, w in zip(rows, ids, weights.tolist(), strict=True):
+        y = expert(xs if one_row else xs[r:r + 1], e)
+        if out is None:
+            out = y.mul_(w)
+        elif one_row:
+            out.add_(y, alpha=w)
+        else:
+            out[r:r + 1].add_(y, alpha=w)
+    return out
+
+
 class ExpertGroup:
     """SwiGLU experts for a set of slots. Weights: gate_up [2I, D] and down [D, I] per slot, held on `device`
     in `dtype` (the compute dtype; float32 is exact against the reference)."""
@@ -150,36 +175,23 @@ class ExpertGroup:
                 continue
             rows = rows_sorted[start:start + c]
             xr = xs.index_select(0, rows)
-            y = self._expert_packed(xr, *self._packed_slot(layer, s)) if self._pack else self._expert(xr, gu[s], dn[s])
+            y = self._slot_expert(layer, s, xr)
             out.index_add_(0, rows, y.mul_(w_sorted[start:start + c, None]))
             start += c
         return out
 
     def _tiny(self, layer: int, xs: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
               weights: torch.Tensor) -> torch.Tensor:
-        """A few pairs (B = 1 decode): each pair's expert on its row, accumulated in place. No sort, bincount or
-        gather: at this size each of those is a dispatch costing as much as the arithmetic. Same dot products as
-        the loop over slots; the weight multiplies inside the accumulation (last-bit differences). One row sent
-        (every pair on row 0): the first pair's output becomes the accumulator, no zeros and no row slices."""
-        held, gu, dn = self._layers[layer]
-        ids = expert_ids.tolist()
-        missing = sorted({e for e in ids if e not in held})
-        if missing:
-            raise KeyError(f"layer {layer}: experts {missing} are not loaded here (loaded: {sorted(held)})")
-        one_row = xs.shape[0] == 1
-        rows = [0] * len(ids) if one_row else pair_rows.tolist()
-        out = None if one_row else torch.zeros(xs.shape[0], self.hidden, dtype=self.dtype, device=self.device)
-        for r, e, w in zip(rows, ids, weights.tolist(), strict=True):
-            s = held[e]
-            xr = xs if one_row else xs[r:r + 1]
-            y = self._expert_packed(xr, *self._packed_slot(layer, s)) if self._pack else self._expert(xr, gu[s], dn[s])
-            if out is None:
-                out = y.mul_(w)
-            elif one_row:
-                out.add_(y, alpha=w)
-            else:
-                out[r:r + 1].add_(y, alpha=w)
-        return out
+        held = self._layers[layer][0]
+        return pair_loop(layer, held, xs, pair_rows, expert_ids, weights, self.hidden,
+                         lambda xr, e: self._slot_expert(layer, held[e], xr))
+
+    def _slot_expert(self, layer: int, s: int, xs: torch.Tensor) -> torch.Tensor:
+        """Slot s's expert on rows xs [c, D] -> [c, D]: its oneDNN-packed copy (bf16 on CPU) or the plain weights."""
+        if self._pack:
+            return self._expert_packed(xs, *self._packed_slot(layer, s))
+        _, gu, dn = self._layers[layer]
+        return self._expert(xs, gu[s], dn[s])
 
     def _batched(self, xs: torch.Tensor, rows_sorted: torch.Tensor, slots_sorted: torch.Tensor,
                  counts: torch.Tensor, width: int, gu: torch.Tensor, dn: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from moeray.experts import quant_kernels
-from moeray.experts.group import SMALL_ROWS, SMALL_ROWS_REDUCED, TINY_PAIRS
+from moeray.experts.group import SMALL_ROWS, SMALL_ROWS_REDUCED, TINY_PAIRS, pair_loop
 from moeray.experts.quant_formats import MX_GROUP, e2m1_lut, scale_to_float
 
 FORMATS = ("fp8", "mxfp4", "int8")
@@ -156,11 +156,13 @@ class PackedExpertGroup:
         if not held:
             raise KeyError(f"layer {layer} has no experts loaded here (loaded layers: {sorted(self._layers)})")
         xs = x.to(self.device, self.dtype)
+        if 0 < pair_rows.numel() <= TINY_PAIRS:  # B = 1 decode: the pair loop ExpertGroup uses
+            out = pair_loop(layer, held, xs, pair_rows, expert_ids, weights, self.hidden,
+                            lambda xr, e: self._expert(xr, held[e]))
+            return out.to(x.device, out_dtype or x.dtype)
         out = torch.zeros(xs.shape[0], self.hidden, dtype=self.dtype, device=self.device)
         if pair_rows.numel() == 0:
             return out.to(x.device, out_dtype or x.dtype)
-        if pair_rows.numel() <= TINY_PAIRS:
-            return self._tiny(layer, xs, pair_rows, expert_ids, weights, out).to(x.device, out_dtype or x.dtype)
         ids = expert_ids.to(self.device)
         missing = sorted(set(torch.unique(ids).tolist()) - set(held))
         if missing:
@@ -178,19 +180,6 @@ class PackedExpertGroup:
         # one weighted scatter for all the pairs (index_add_ per expert measured 130 us each in bf16)
         out.index_add_(0, rows_sorted, y.mul_(w_sorted[:, None]))
         return out.to(x.device, out_dtype or x.dtype)
-
-    def _tiny(self, layer: int, xs: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
-              weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """A few pairs (B = 1 decode, as ExpertGroup's): each pair's expert on its row, accumulated into `out`
-        (zeros [M, D]); no sort, unique or gather, each a dispatch costing as much as the arithmetic here."""
-        held = self._layers[layer]
-        ids = expert_ids.tolist()
-        missing = sorted({e for e in ids if e not in held})
-        if missing:
-            raise KeyError(f"layer {layer}: experts {missing} are not loaded here (loaded: {sorted(held)})")
-        for r, e, w in zip(pair_rows.tolist(), ids, weights.tolist(), strict=True):
-            out[r:r + 1].add_(self._expert(xs[r:r + 1], held[e]), alpha=w)
-        return out
 
     def _expert(self, xs: torch.Tensor, ex: PackedExpert) -> torch.Tensor:
         """xs [c, D] -> [c, D]: clamped SwiGLU with every GEMM computed from packed weights."""
