@@ -27,7 +27,6 @@ import torch
 from moeray.router.dispatch import ActorBatch
 
 _BITS = {torch.bfloat16: torch.int16}  # dtypes numpy lacks travel as their bit pattern
-_FROM_BITS = {np.dtype(np.int16): torch.bfloat16}  # activations are never int16, so the code is unambiguous
 _CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}  # wire dtype <-> code in the headers
 _DTYPES = {c: d for d, c in _CODES.items()}
 _META_HEAD = 4  # int32s before the pairs: dtype code, M, D, P
@@ -99,24 +98,6 @@ def decode_answer(buf: bytes) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=dtype, offset=_ANSWER_HEAD.size, count=m * d).view(m, d)
 
 
-def to_wire(t: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU tensor -> a numpy view of the same memory (no copy; RDT's meta and tests)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    bits = _BITS.get(t.dtype)
-    return (t.view(bits) if bits is not None else t).numpy()
-
-
-def from_wire(a: np.ndarray) -> torch.Tensor:
-    """The inverse of `to_wire`, without copying (object-store arrays are read-only; torch warns about that)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(a)
-    dt = _FROM_BITS.get(a.dtype)
-    return t.view(dt) if dt is not None else t
-
-
 def pack_pairs(pair_rows: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
     """[P] rows, [P] expert ids, [P] weights -> meta [3, P] int32."""
     meta = torch.empty(3, pair_rows.numel(), dtype=torch.int32)
@@ -128,7 +109,9 @@ def pack_pairs(pair_rows: torch.Tensor, expert_ids: torch.Tensor, weights: torch
 
 def unpack_pairs(meta: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """meta [3, P] int32 -> (pair_rows [P] int64, expert_ids [P] int64, weights [P] float32)."""
-    m = from_wire(meta)
+    with warnings.catch_warnings():  # object-store arrays are read-only (torch warns); nothing writes this one
+        warnings.simplefilter("ignore", UserWarning)
+        m = torch.from_numpy(meta)
     return m[0].long(), m[1].long(), m[2].view(torch.float32)
 
 
