@@ -174,40 +174,6 @@ class PagedKVCache:
         rows = table[r // rpp - first] * rpp + r % rpp
         return rows if rows.device == self.device else rows.to(self.device)
 
-    # ---- batched decode (one new token per sequence) -----------------------------------------------------
-    def decode_write_gather(self, layer_id: int, views: list[SeqCacheView], positions: torch.Tensor,
-                            rows: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Write one new row per sequence and gather every sequence's rows 0..pos, padded (mutates the pools).
-
-        positions [S] (the new tokens' positions); rows: name -> [S, *row_shape] (tensors of one full pool with
-        one row per token) -> (name -> [S, L, *row_shape], valid [S, L] bool), L = the longest sequence;
-        padding reads a valid row and is masked out by `valid`.
-        """
-        self.batched_decode_calls += 1
-        pids = {self.pool_of[layer_id][n] for n in rows}
-        assert len(pids) == 1, "batched decode reads tensors of one pool"
-        pid = pids.pop()
-        pool = self.pools[pid]
-        assert pool.window == 0 and pool.tokens_per_row == 1, "batched decode needs a full pool, one row per token"
-        assert all(v.first[pid] == 0 for v in views)
-        b = pool.page_tokens
-        store = self.storage[layer_id]
-        dev = self.device
-        tables = torch.nn.utils.rnn.pad_sequence([v.tables[pid] for v in views], batch_first=True).to(dev)  # [S, P]
-        positions = positions.to(dev)
-        s_ids = torch.arange(len(views), device=dev)
-        dst = tables[s_ids, positions // b] * b + positions % b  # [S]
-        for name, r in rows.items():
-            store[name].index_copy_(0, dst, self._to_store(r))
-        lengths = positions + 1
-        span = torch.arange(int(lengths.max()), device=dev)  # [L]
-        valid = span[None, :] < lengths[:, None]  # [S, L]
-        cols = torch.where(valid, span[None, :], 0)
-        src = (tables.gather(1, cols // b) * b + cols % b).reshape(-1)  # [S * L]
-        out = {name: self._from_store(store[name].index_select(0, src)).view(*valid.shape, *store[name].shape[1:])
-               for name in rows}
-        return out, valid
-
     # ---- block payloads for the KV store ------------------------------------------------------------
     def block_rows(self, pool: PoolSpec, block: int) -> tuple[int, int]:
         """Rows of block `block` a stored block carries for `pool`: all of them for a full pool; for a window
