@@ -17,14 +17,18 @@ Legend: M = rows sent, P = (row, expert) pairs, D = hidden, I = expert intermedi
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from moeray.experts import bf16_numba
 
 SMALL_ROWS = 3  # up to this many rows per expert, compute W @ x.t() (see the module docstring)
 SMALL_ROWS_REDUCED = 32  # the same in bf16/fp16: oneDNN's W @ x.t() is 1.5-2x x @ W.t() up to ~32 rows
 BATCHED_MAX_ROWS = 16  # the all-slots bmm path: at most this many rows per slot hit on average ...
 BATCHED_MIN_HIT = 0.75  # ... and at least this fraction of the layer's slots hit (the others' weights are read)
 TINY_PAIRS = 4  # up to this many (row, expert) pairs (B = 1 decode): a plain loop over the pairs, nothing sorted
+GROUPED_MAX_ROWS = 32  # bf16 on an AVX512-BF16 CPU: the grouped kernel while no expert has more rows than this
 
 
 def mkldnn_packing_available() -> bool:
@@ -81,6 +85,9 @@ class ExpertGroup:
         # bf16 on CPU: each slot's weights also pre-packed for oneDNN (1.6x the plain GEMV on weights out of
         # cache, measured with AMX), used by the per-expert loop; layer -> slot -> (gate_up, down), built lazily
         self._pack = dtype == torch.bfloat16 and self.device.type == "cpu" and mkldnn_packing_available()
+        # bf16 on a CPU with AVX512-BF16: decode-sized calls take experts/bf16_numba's grouped kernel
+        self._grouped = (dtype == torch.bfloat16 and self.device.type == "cpu" and bf16_numba.available()
+                         and bf16_numba.shapes_ok(2 * inter, hidden) and bf16_numba.shapes_ok(hidden, inter))
         self._packed: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # ---- slots ---------------------------------------------------------------------------------------
@@ -165,6 +172,8 @@ class ExpertGroup:
         order = torch.argsort(slots, stable=True)
         counts_t = torch.bincount(slots, minlength=gu.shape[0])  # [S]
         counts = counts_t.tolist()
+        if self._grouped and max(counts) <= GROUPED_MAX_ROWS:
+            return self._grouped_mm(xs, pair_rows[order], weights[order], counts, gu, dn)
         rows_sorted, w_sorted = pair_rows[order], weights[order].to(self.dtype)
         if use_batched(counts):
             y = self._batched(xs, rows_sorted, slots[order], counts_t, max(counts), gu, dn)  # [P, D]
@@ -210,6 +219,25 @@ class ExpertGroup:
         act = F.silu(gate).mul_(up)  # [S, I, C]
         y = torch.bmm(dn, act)  # [S, D, C]
         return y.transpose(1, 2)[slots_sorted, col]  # [P, D]
+
+    def _grouped_mm(self, xs: torch.Tensor, rows_sorted: torch.Tensor, w_sorted: torch.Tensor, counts: list[int],
+                    gu: torch.Tensor, dn: torch.Tensor) -> torch.Tensor:
+        """Every slot hit, each on its own rows, in two calls of the grouped bf16 kernel (gate/up, then down),
+        float32 accumulation and a float32 weighted scatter, rounded to bf16 once at the end."""
+        hit = [s for s, c in enumerate(counts) if c]
+        starts = np.zeros(len(hit) + 1, dtype=np.int64)
+        np.cumsum([counts[s] for s in hit], out=starts[1:])
+        slots = np.array(hit, dtype=np.int64)
+        h = bf16_numba.grouped_mm(xs.index_select(0, rows_sorted), starts, slots, gu)  # [P, 2I] float32
+        gate, up = h.split(self.inter, dim=1)
+        if self.swiglu_limit is not None:
+            gate = gate.clamp(max=self.swiglu_limit)
+            up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        act = F.silu(gate).mul_(up).to(torch.bfloat16)  # [P, I]
+        y = bf16_numba.grouped_mm(act, starts, slots, dn)  # [P, D] float32
+        out = torch.zeros(xs.shape[0], self.hidden, dtype=torch.float32, device=self.device)
+        out.index_add_(0, rows_sorted, y.mul_(w_sorted.float()[:, None]))
+        return out.to(self.dtype)
 
     def _packed_slot(self, layer: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         slots = self._packed.setdefault(layer, {})
