@@ -6,6 +6,8 @@
   (T <= FUSED_MAX_ROWS, decode and small prefill batches); beyond that a library GEMM on a decoded tile is faster.
 - `decode_rows(w, r0, r1, out)`: rows r0:r1 of W dequantized into a tile in float32 or bfloat16, for the tile
   path of experts/quantized.py (the tile then goes to oneDNN/MKL).
+- `grouped_mm_bf16(x, starts, slots, w)`: the rows of every expert hit times its W from a layer's stacked
+  packed weights, in one call (CPUs with AVX512-BF16): bf16 decode into an L1 buffer, vdpbf16ps dots.
 
 The numba kernels themselves (decoders, GEMVs, their design and measured choices) live in
 experts/quant_numba.py; this module picks one per call and passes numpy views of torch tensors.
@@ -16,7 +18,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moeray.experts.quant_numba import _KERNELS, E2M1_PAIRS, E4M3_LUT, E8M0_LUT, available, numba  # noqa: F401
+from moeray.experts import quant_numba
+from moeray.experts.quant_numba import (  # noqa: F401
+    _KERNELS,
+    E2M1_PAIRS,
+    E4M3_LUT,
+    E8M0_LUT,
+    available,
+    mxfp4_scales_in_range,
+    numba,
+)
 
 # rows of x up to which gemv_packed beats decoding a tile + the library GEMM on it (measured on an AMX Xeon, per
 # expert of D=1024, I=512): against bf16 tiles (oneDNN) and against float32 tiles (MKL's fp32 GEMM is slower)
@@ -112,3 +123,27 @@ def decode_expert(fmt: str, args: tuple[tuple, tuple, tuple], t13: torch.Tensor,
         kernels[name + "_x3"](*(a[:3] for a in args), d13, d2)
     else:
         kernels[name + "_x3"](*args, d13, d2)
+
+
+def grouped_available() -> bool:
+    """Whether `grouped_mm_bf16` runs here: numba, and a CPU with avx512bf16 (experts/bf16_numba.available)."""
+    from moeray.experts import bf16_numba
+
+    return available() and bf16_numba.available()
+
+
+def grouped_mm_bf16(fmt: str, x: torch.Tensor, starts: np.ndarray, slots: np.ndarray, args: tuple,
+                    out: np.ndarray, col0: int = 0) -> None:
+    """Every expert hit in one call: out[p, col0:col0 + N] = x[p] @ dequant(W[slots[g]]).t() for the rows p of
+    group g (starts[g]:starts[g + 1]), with x [P, K] bfloat16 and W the stacked packed weights [S, N, K'] whose
+    `kernel_args` are `args`; out [P, >= col0 + N] float32 numpy. Each row of W decoded to bf16 exactly as
+    `decode_rows` decodes bf16 tiles, then dotted with vdpbf16ps (float32 sums of the exact bf16 products, as
+    oneDNN's bf16 GEMM sums them). Needs `grouped_available()`, N a multiple of 4, K of 32; mxfp4 needs
+    `mxfp4_scales_in_range` of the slots' scales, fp8 `denormals_kept()` (the arithmetic decode). fp8 blocks of
+    4k rows and 32k columns (every checkpoint's) decode through per-block lookup tables, others row by row."""
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"grouped_mm_bf16 takes bfloat16 rows, not {x.dtype}")
+    kernels = _KERNELS[(fmt, _threads() > 1)]
+    lut = fmt != "fp8" or (args[2][0] % quant_numba.DOT_ROWS == 0 and args[2][1] % 32 == 0)
+    kernel = kernels["grouped_bf16" if lut else "grouped_bf16_arith"]
+    kernel(x.contiguous().view(torch.uint16).numpy(), starts, slots, *args, out, col0)
