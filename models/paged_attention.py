@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moeray.models import paged_decode
+
 
 @dataclass(slots=True)
 class QueryGroup:
@@ -57,6 +59,7 @@ class PagedBatch:
         self._tables: dict[int, torch.Tensor] = {}  # pool id -> [S_all, P_all]
         self._write_rows: dict[int, torch.Tensor] = {}  # pool id -> [N]
         self.rope: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}  # Rotary.key -> cos, sin [N, R]
+        self._in_place_ok: dict[int, bool] = {}  # layer -> decode attention by models/paged_decode
         offsets = [0]
         for n in counts:
             offsets.append(offsets[-1] + n)
@@ -159,6 +162,16 @@ class PagedBatch:
         out = None if len(self.groups) == 1 and self.groups[0].out_rows is None else q.new_empty(
             q.shape[0], q.shape[1] * q.shape[2])
         for g in self.groups:
+            if g.q_rows.shape[1] == 1 and self._in_place(layer_id, q):  # bf16 decode: pages read where they lie
+                o = paged_decode.decode_attention(q, g.q_rows, c.storage[layer_id]["k"], c.storage[layer_id]["v"],
+                                                  self.group_tables(g, pid), g.q_pos, c.pools[pid].rows_per_page,
+                                                  scale, window)
+                if hasattr(c, "batched_decode_calls"):
+                    c.batched_decode_calls += 1
+                if out is None:
+                    return o
+                out.index_copy_(0, g.out_rows, o)
+                continue
             trim = g.q_rows.shape == (1, 1) and not window  # one decode query sees exactly its `context` rows
             k, v = self.gather(layer_id, "k", g, trim), self.gather(layer_id, "v", g, trim)  # [S, L, Hkv, Dh]
             mask = None if trim else self.mask(g, pid, window)
@@ -175,6 +188,20 @@ class PagedBatch:
                 return o
             out.index_copy_(0, g.out_rows, o if g.valid is None else o[g.valid])
         return out
+
+    def _in_place(self, layer_id: int, q: torch.Tensor) -> bool:
+        """Whether decode attention of this layer takes models/paged_decode's kernel: bf16 queries and a bf16
+        cache (no codec) on a CPU that has AVX512-BF16, shapes that suit it."""
+        ok = self._in_place_ok.get(layer_id)
+        if ok is None:
+            c = self.cache
+            store = c.storage[layer_id]["k"]
+            pid = c.pool_of[layer_id]["k"]
+            ok = (q.dtype == torch.bfloat16 and store.dtype == torch.bfloat16 and c.compute_dtype == torch.bfloat16
+                  and store.device.type == "cpu" and store.dim() == 3 and paged_decode.available()
+                  and paged_decode.shapes_ok(store.shape[2], c.pools[pid].rows_per_page))
+            self._in_place_ok[layer_id] = ok
+        return ok
 
 
 def _decode_sdpa(q: torch.Tensor, q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

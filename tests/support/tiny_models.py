@@ -30,6 +30,9 @@ def hf_config(family: str):
     if family == "qwen3_moe":
         return tf.Qwen3MoeConfig(**_COMMON, num_key_value_heads=2, head_dim=24, num_experts=8, num_experts_per_tok=2,
                                  moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=1)
+    if family == "qwen3_moe_hd64":  # head_dim 64: the shapes models/paged_decode's bf16 kernel takes
+        return tf.Qwen3MoeConfig(**_COMMON, num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=1)
     if family == "deepseek_v3":
         return tf.DeepseekV3Config(**_COMMON, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
                                    moe_intermediate_size=32, n_shared_experts=1, n_group=2, topk_group=1,
@@ -47,7 +50,7 @@ def build_hf_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = hf_config(family)
     cls = {"mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM,
-           "qwen3_moe": tf.Qwen3MoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM}[family]
+           "qwen3_moe": tf.Qwen3MoeForCausalLM, "qwen3_moe_hd64": tf.Qwen3MoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM}[family]
     model = cls(cfg).eval()
     _perturb_router_state(model)
     return model
@@ -108,7 +111,7 @@ def build_with_tokenizer(family: str = "qwen3_moe", seed: int = 0) -> Path:
     cfg.vocab_size = 512
     cfg.eos_token_id = tok.token_to_id("<|eos|>")
     cls = {"mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM,
-           "qwen3_moe": tf.Qwen3MoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM}[family]
+           "qwen3_moe": tf.Qwen3MoeForCausalLM, "qwen3_moe_hd64": tf.Qwen3MoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM}[family]
     model = cls(cfg).eval()
     _perturb_router_state(model)
     out = Path(tempfile.mkdtemp(prefix=f"moeray-{family}-tok-"))
