@@ -15,6 +15,8 @@ experts/quant_numba.py; this module picks one per call and passes numpy views of
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -125,11 +127,17 @@ def decode_expert(fmt: str, args: tuple[tuple, tuple, tuple], t13: torch.Tensor,
         kernels[name + "_x3"](*args, d13, d2)
 
 
+@functools.cache
 def grouped_available() -> bool:
-    """Whether `grouped_mm_bf16` runs here: numba, and a CPU with avx512bf16 (experts/bf16_numba.available)."""
+    """Whether `grouped_mm_bf16` runs here: numba compiling for this CPU, and the CPU has avx512bf16
+    (experts/bf16_numba.available) and avx512bw (the decoders' vpermw / vpermi2w), as LLVM reads them."""
     from moeray.experts import bf16_numba
 
-    return available() and bf16_numba.available()
+    if not (available() and bf16_numba.available()):
+        return False
+    from llvmlite import binding
+
+    return "+avx512bw" in binding.get_host_cpu_features().flatten().split(",")
 
 
 def grouped_mm_bf16(fmt: str, x: torch.Tensor, starts: np.ndarray, slots: np.ndarray, args: tuple,
