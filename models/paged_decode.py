@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - numba is a dependency
     numba, prange = None, range
 
 _LOG2E = 1.0 / math.log(2.0)
+PARALLEL_MIN_KEYS = 2048  # (sequences x KV heads x longest context) from which the kernel runs on every thread
 
 
 def available() -> bool:
@@ -144,7 +145,9 @@ def decode_attention(q: torch.Tensor, q_rows: torch.Tensor, k_store: torch.Tenso
     ctx = (positions.view(-1) + 1).numpy()
     lo = np.maximum(ctx - window, 0) if window else np.zeros_like(ctx)
     out = torch.empty(s, hkv, g, dh, dtype=torch.bfloat16)
-    _kernel(bf16_numba.threads() > 1)(qd.view(torch.uint16).numpy(), k_store.view(torch.uint16).numpy(),
+    # small work (B = 1 decode: microseconds) stays on this thread: waking the pool costs more than it saves
+    parallel = s * hkv * int(ctx.max()) >= PARALLEL_MIN_KEYS and bf16_numba.threads() > 1
+    _kernel(parallel)(qd.view(torch.uint16).numpy(), k_store.view(torch.uint16).numpy(),
                                       v_store.view(torch.uint16).numpy(), tables.numpy(), ctx, lo,
                                       rows_per_page, np.float32(scale * _LOG2E), out.view(torch.uint16).numpy())
     return out.view(s, hkv * g * dh)
