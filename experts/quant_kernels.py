@@ -6,8 +6,9 @@
   (T <= FUSED_MAX_ROWS, decode and small prefill batches); beyond that a library GEMM on a decoded tile is faster.
 - `decode_rows(w, r0, r1, out)`: rows r0:r1 of W dequantized into a tile in float32 or bfloat16, for the tile
   path of experts/quantized.py (the tile then goes to oneDNN/MKL).
-- `grouped_mm_bf16(x, starts, slots, w)`: the rows of every expert hit times its W from a layer's stacked
-  packed weights, in one call (CPUs with AVX512-BF16): bf16 decode into an L1 buffer, vdpbf16ps dots.
+- `grouped_mm(x, starts, slots, w)`: the rows of every expert hit times its W from a layer's stacked packed
+  weights, in one call: bf16 rows (CPUs with AVX512-BF16) by a bf16 decode into an L1 buffer and vdpbf16ps
+  dots; float32 rows by an exact decode and float32 dots.
 
 The numba kernels themselves (decoders, GEMVs, their design and measured choices) live in
 experts/quant_numba.py; this module picks one per call and passes numpy views of torch tensors.
@@ -128,30 +129,47 @@ def decode_expert(fmt: str, args: tuple[tuple, tuple, tuple], t13: torch.Tensor,
 
 
 @functools.cache
-def grouped_available() -> bool:
-    """Whether `grouped_mm_bf16` runs here: numba compiling for this CPU, and the CPU has avx512bf16
-    (experts/bf16_numba.available) and avx512bw (the decoders' vpermw / vpermi2w), as LLVM reads them."""
-    from moeray.experts import bf16_numba
-
-    if not (available() and bf16_numba.available()):
+def _host_has(*features: str) -> bool:
+    """Whether numba compiles for this CPU (no NUMBA_CPU_NAME / NUMBA_CPU_FEATURES override, which
+    bf16_numba.available checks too) and the CPU has every one of `features` as LLVM reads them."""
+    if numba is None or numba.config.CPU_NAME not in (None, "host") or numba.config.CPU_FEATURES:
         return False
     from llvmlite import binding
 
-    return "+avx512bw" in binding.get_host_cpu_features().flatten().split(",")
+    host = binding.get_host_cpu_features().flatten().split(",")
+    return all(f"+{f}" in host for f in features)
 
 
-def grouped_mm_bf16(fmt: str, x: torch.Tensor, starts: np.ndarray, slots: np.ndarray, args: tuple,
-                    out: np.ndarray, col0: int = 0) -> None:
+def grouped_available(fmt: str, dtype: torch.dtype) -> bool:
+    """Whether `grouped_mm` runs here for `fmt` with rows in `dtype`: bfloat16 rows (MXFP4, FP8) need a CPU with
+    avx512bf16 (the dots, experts/bf16_numba.available) and avx512bw (the decoders' vpermw / vpermi2w); float32
+    rows, MXFP4 only, avx512bw."""
+    from moeray.experts import bf16_numba
+
+    if dtype == torch.bfloat16 and fmt in ("mxfp4", "fp8"):
+        return bf16_numba.available() and _host_has("avx512bw")
+    return dtype == torch.float32 and fmt == "mxfp4" and _host_has("avx512bw")
+
+
+def grouped_mm(fmt: str, x: torch.Tensor, starts: np.ndarray, slots: np.ndarray, args: tuple, out: np.ndarray,
+               col0: int = 0) -> None:
     """Every expert hit in one call: out[p, col0:col0 + N] = x[p] @ dequant(W[slots[g]]).t() for the rows p of
-    group g (starts[g]:starts[g + 1]), with x [P, K] bfloat16 and W the stacked packed weights [S, N, K'] whose
-    `kernel_args` are `args`; out [P, >= col0 + N] float32 numpy. Each row of W decoded to bf16 exactly as
-    `decode_rows` decodes bf16 tiles, then dotted with vdpbf16ps (float32 sums of the exact bf16 products, as
-    oneDNN's bf16 GEMM sums them). Needs `grouped_available()`, N a multiple of 4, K of 32; mxfp4 needs
-    `mxfp4_scales_in_range` of the slots' scales, fp8 `denormals_kept()` (the arithmetic decode). fp8 blocks of
-    4k rows and 32k columns (every checkpoint's) decode through per-block lookup tables, others row by row."""
-    if x.dtype != torch.bfloat16:
-        raise TypeError(f"grouped_mm_bf16 takes bfloat16 rows, not {x.dtype}")
+    group g (starts[g]:starts[g + 1]), with x [P, K] and W the stacked packed weights [S, N, K'] whose
+    `kernel_args` are `args`; out [P, >= col0 + N] float32 numpy. Needs `grouped_available(fmt, x.dtype)`; MXFP4
+    needs `mxfp4_scales_in_range` of the slots' scales, FP8 `denormals_kept()` (the arithmetic decode).
+    - x bfloat16: each row of W decoded to bf16 exactly as `decode_rows` decodes bf16 tiles, then dotted with
+      vdpbf16ps (float32 sums of the exact bf16 products, as oneDNN's bf16 GEMM sums them); N a multiple of 4, K
+      of 32. fp8 blocks of 4k rows and 32k columns (every checkpoint's) decode through per-block lookup tables,
+      others row by row.
+    - x float32 (MXFP4): each row decoded exactly, float32 dots (the fused GEMV's arithmetic: exact up to
+      summation order)."""
     kernels = _KERNELS[(fmt, _threads() > 1)]
+    if x.dtype == torch.float32:
+        kernels["grouped_f32"](x.contiguous().numpy(), starts, slots, *args, out, col0)
+        return
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"grouped_mm takes bfloat16 or float32 rows, not {x.dtype}")
     lut = fmt != "fp8" or (args[2][0] % quant_numba.DOT_ROWS == 0 and args[2][1] % 32 == 0)
     kernel = kernels["grouped_bf16" if lut else "grouped_bf16_arith"]
     kernel(x.contiguous().view(torch.uint16).numpy(), starts, slots, *args, out, col0)
+

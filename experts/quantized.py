@@ -5,9 +5,12 @@ each expert as published: w1 (gate) [I, D], w3 (up) [I, D], w2 (down) [D, I] cod
 expert actor's bytes are the checkpoint's bytes. The compute, per expert hit:
 
 - `fp8`, `mxfp4` in bf16 on a CPU with AVX512-BF16, no expert with more than GROUPED_MAX_ROWS rows: every
-  expert hit in one call of a grouped kernel per GEMM (quant_kernels.grouped_mm_bf16: W decoded 4 rows at a time
+  expert hit in one call of a grouped kernel per GEMM (quant_kernels.grouped_mm: W decoded 4 rows at a time
   into an L1 buffer of bf16 bits, vdpbf16ps dots), as ExpertGroup's grouped bf16 path -- no Python loop over
-  the experts. The layer's slots are stacked for it at load, one [S, ...] tensor per weight (`_set`).
+  the experts. MXFP4 in float32 (and in bf16 where the CPU lacks bf16 GEMMs), up to FUSED_MAX_ROWS_F32 rows
+  per expert, the same one call per GEMM with the fused GEMV's exact float32 dots (CPUs with AVX512-BW; 2.3x
+  the per-expert GEMVs at 16 routed tokens, 2.74 vs 6.34 ms, same machine and sizes as below). The layer's slots are
+  stacked for it at load, one [S, ...] tensor per weight (`_set`).
   Measured on a 2-core Zen 5 EPYC, D=1024, I=512, top-2 of 64, one thread (bench/experts.py --packed): MXFP4
   1.6x / FP8 1.2x the tokens/s of the bf16 experts at 16 routed tokens, where the per-expert loop ran 0.59x /
   0.74x; 1.4x / 1.2x at 512 (was 0.66x / 0.61x).
@@ -107,10 +110,20 @@ class PackedExpertGroup:
         # layer -> (expert id -> stack index, kernel_args of the stacked w1, w3, w2, which stack indices the
         # grouped kernel can compute [S] bool): what the grouped kernel takes
         self._stacks: dict[int, tuple[dict[int, int], tuple[tuple, tuple, tuple], np.ndarray]] = {}
-        # bf16 on a CPU with AVX512-BF16: decode-sized calls take the grouped kernel (quant_kernels.grouped_mm_bf16)
-        self._grouped = (fmt != "int8" and self._tile_dtype == torch.bfloat16 == dtype and self.device.type == "cpu"
-                         and quant_kernels.grouped_available() and bf16_numba.shapes_ok(inter, hidden)
-                         and bf16_numba.shapes_ok(hidden, inter))
+        # decode-sized calls take the grouped kernel (quant_kernels.grouped_mm) where it runs: its rows' dtype
+        self._grouped = self._grouped_rows_dtype()
+
+    def _grouped_rows_dtype(self) -> torch.dtype | None:
+        """The dtype the grouped kernel takes the rows in for this group, None where it does not run: the tile
+        dtype (bf16 where the group computes in bf16 and the CPU does natively, else float32), on CPU, where
+        quant_kernels.grouped_available says the kernel runs for it (bf16 also needs whole dot blocks)."""
+        rows = self._tile_dtype
+        if self.fmt == "int8" or self.device.type != "cpu" or not quant_kernels.grouped_available(self.fmt, rows):
+            return None
+        if rows == torch.bfloat16 and not (bf16_numba.shapes_ok(self.inter, self.hidden)
+                                           and bf16_numba.shapes_ok(self.hidden, self.inter)):
+            return None
+        return rows
 
     # ---- slots ---------------------------------------------------------------------------------------
     def load(self, layer: int, experts: dict[int, PackedExpert]) -> None:
@@ -254,10 +267,12 @@ class PackedExpertGroup:
 
     def _grouped_call(self, layer: int, ids: torch.Tensor, counts: torch.Tensor) -> np.ndarray | None:
         """The stack indices of the experts hit (ids, in order) where this call takes the grouped kernel, else
-        None. It does for bf16 on an AVX512-BF16 CPU (`_grouped`), no expert with more than GROUPED_MAX_ROWS rows
-        (ExpertGroup's limit for its grouped kernel), every expert hit one the kernel can compute (see
-        `_grouped_slots`), and for fp8 only where this thread keeps denormals (its exact decode needs them)."""
-        if not self._grouped or int(counts.max()) > GROUPED_MAX_ROWS or layer not in self._stacks:
+        None. It does where the kernel runs for this group (`_grouped`), no expert has more rows than the limit
+        (bf16 rows: GROUPED_MAX_ROWS, ExpertGroup's for its grouped kernel; float32: the fused GEMV's
+        FUSED_MAX_ROWS_F32, the same arithmetic), every expert hit is one the kernel can compute
+        (`_grouped_slots`), and for fp8 only where this thread keeps denormals (its exact decode needs them)."""
+        limit = GROUPED_MAX_ROWS if self._grouped == torch.bfloat16 else quant_kernels.FUSED_MAX_ROWS_F32
+        if not self._grouped or int(counts.max()) > limit or layer not in self._stacks:
             return None
         if self.fmt == "fp8" and not quant_kernels.denormals_kept():
             return None
@@ -269,20 +284,21 @@ class PackedExpertGroup:
                     slots: np.ndarray, counts: np.ndarray) -> torch.Tensor:
         """Every expert hit, each on its own rows, in three calls of the grouped kernel (w1 and w3 into the two
         halves of h [P, 2I], w2 after the activation): ExpertGroup._grouped_mm over the packed stacks, float32
-        sums, activation and weighted scatter, rounded to bf16 for the second GEMM and once at the end (the tile
-        path rounds h to bf16 too: one rounding fewer here). -> [M, D] in the group's dtype."""
+        sums, activation and weighted scatter. bf16 rows: x and the activation rounded to bf16 for the GEMMs, the
+        output once at the end (the tile path rounds h to bf16 too: one rounding fewer here); float32 rows:
+        exact up to summation order. -> [M, D] in the group's dtype."""
         a1, a3, a2 = self._stacks[layer][1]
         starts = np.zeros(len(slots) + 1, dtype=np.int64)
         np.cumsum(counts, out=starts[1:])
-        x = xs.index_select(0, rows_sorted)  # [P, D] bf16, pairs grouped by expert
+        x = xs.index_select(0, rows_sorted).to(self._grouped)  # [P, D], pairs grouped by expert
         p, i = x.shape[0], self.inter
         h = np.empty((p, 2 * i), dtype=np.float32)
-        quant_kernels.grouped_mm_bf16(self.fmt, x, starts, slots, a1, h, 0)
-        quant_kernels.grouped_mm_bf16(self.fmt, x, starts, slots, a3, h, i)
+        quant_kernels.grouped_mm(self.fmt, x, starts, slots, a1, h, 0)
+        quant_kernels.grouped_mm(self.fmt, x, starts, slots, a3, h, i)
         ht = torch.from_numpy(h)
-        act = self._act(ht[:, :i], ht[:, i:]).to(torch.bfloat16)  # [P, I]
+        act = self._act(ht[:, :i], ht[:, i:]).to(self._grouped)  # [P, I]
         y = np.empty((p, self.hidden), dtype=np.float32)
-        quant_kernels.grouped_mm_bf16(self.fmt, act, starts, slots, a2, y, 0)
+        quant_kernels.grouped_mm(self.fmt, act, starts, slots, a2, y, 0)
         out = torch.zeros(xs.shape[0], self.hidden, dtype=torch.float32, device=self.device)
         out.index_add_(0, rows_sorted, torch.from_numpy(y).mul_(w_sorted.float()[:, None]))
         return out.to(self.dtype)

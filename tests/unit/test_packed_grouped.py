@@ -1,8 +1,9 @@
-"""The grouped bf16 kernels over packed MXFP4 / FP8 experts (quant_kernels.grouped_mm_bf16) and
-PackedExpertGroup's grouped path: the kernel's decode against decode_rows' bf16 tiles bit for bit, its sums
-against float64 sums of the same bf16 values, the group against its per-expert paths and a float64 reference,
-and the stacked slots through load / unload / packed(). The kernel tests run only on CPUs with AVX512-BF16 and
-AVX512-BW (elsewhere the kernel is never used, which the last tests check)."""
+"""The grouped kernels over packed MXFP4 / FP8 experts (quant_kernels.grouped_mm) and PackedExpertGroup's grouped
+path: the bf16 kernel's decode against decode_rows' bf16 tiles bit for bit, its sums against float64 sums of the
+same bf16 values, the float32 kernel exact against float64; the groups against their per-expert paths, the
+dequantized experts and a float64 reference; the stacked slots through load / unload / packed(). The bf16
+kernel tests run only on CPUs with AVX512-BF16 and AVX512-BW, the float32 MXFP4 ones with AVX512-BW (elsewhere
+the kernels are never used, which the tests of the paths check)."""
 
 import numba
 import numpy as np
@@ -15,7 +16,7 @@ from moeray.experts.group import GROUPED_MAX_ROWS, ExpertGroup
 from moeray.experts.quant_formats import dequant_fp8_blocks, dequant_mxfp4, quantize_fp8_blocks, quantize_mxfp4
 from moeray.experts.quantized import PackedExpert, PackedExpertGroup, PackedWeight
 
-needs_kernel = pytest.mark.skipif(not quant_kernels.grouped_available(),
+needs_kernel = pytest.mark.skipif(not quant_kernels.grouped_available("mxfp4", torch.bfloat16),
                                   reason="this CPU lacks avx512bf16 / avx512bw (or numba)")
 
 # (fmt, block, scale_fmt): fp8 blocks on the lookup path (bo % 4 == 0, bi % 32 == 0) and on the row-decode one
@@ -59,7 +60,7 @@ def test_grouped_kernel_equals_the_exact_sums(fmt, block, scale_fmt, threads):
     out = np.full((x.shape[0], N + 8), -7.0, dtype=np.float32)
     torch.set_num_threads(threads)
     try:
-        quant_kernels.grouped_mm_bf16(fmt, x, starts, slots, args, out, 8)
+        quant_kernels.grouped_mm(fmt, x, starts, slots, args, out, 8)
     finally:
         torch.set_num_threads(1)
     assert (out[:, :8] == -7.0).all()  # the columns before col0 untouched
@@ -70,6 +71,28 @@ def test_grouped_kernel_equals_the_exact_sums(fmt, block, scale_fmt, threads):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), f"group {g}"
 
 
+@pytest.mark.skipif(not quant_kernels.grouped_available("mxfp4", torch.float32), reason="this CPU lacks avx512bw")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_float32_mxfp4_kernel_is_exact(threads):
+    """The float32 MXFP4 kernel on the same groups (1-9 rows, slots out of order and reused, an output column
+    offset): within float32 summation error (1e-5) of x @ dequant(W).t() in float64 -- no rounding of x or W."""
+    fmt = "mxfp4"
+    args, ref = _stacked(fmt, None, "float")
+    starts, slots = _groups([1, 4, 3, 9, 2, 5, 7, 6], [2, 0, 1, 2, 0, 1, 0, 2])
+    x = torch.randn(int(starts[-1]), K, generator=torch.Generator().manual_seed(1))
+    out = np.full((x.shape[0], N + 8), -7.0, dtype=np.float32)
+    torch.set_num_threads(threads)
+    try:
+        quant_kernels.grouped_mm(fmt, x, starts, slots, args, out, 8)
+    finally:
+        torch.set_num_threads(1)
+    assert (out[:, :8] == -7.0).all()
+    for g, s in enumerate(slots):
+        rows = slice(starts[g], starts[g + 1])
+        want = x[rows].double() @ ref[s].double().t()
+        assert (torch.from_numpy(out[rows, 8:]).double() - want).abs().max().item() <= 1e-5, f"group {g}"
+
+
 def _decoded_by_kernel(fmt, codes, scale, block):
     """W [n, k] as the grouped kernel computes with it: identity rows of x pick out each column (one product,
     exact; the weights must be finite: 0 x inf is NaN)."""
@@ -78,7 +101,7 @@ def _decoded_by_kernel(fmt, codes, scale, block):
     args = quant_kernels.kernel_args(fmt, codes[None], scale[None], block)
     out = np.empty((k, n), dtype=np.float32)
     starts, slots = _groups([k], [0])
-    quant_kernels.grouped_mm_bf16(fmt, torch.eye(k, dtype=torch.bfloat16), starts, slots, args, out)
+    quant_kernels.grouped_mm(fmt, torch.eye(k, dtype=torch.bfloat16), starts, slots, args, out)
     return torch.from_numpy(out).t()
 
 
@@ -198,12 +221,12 @@ class _Spy:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = quant_kernels.grouped_mm_bf16
+        real = quant_kernels.grouped_mm
 
         def spy(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
-        monkeypatch.setattr(quant_kernels, "grouped_mm_bf16", spy)
+        monkeypatch.setattr(quant_kernels, "grouped_mm", spy)
 
 
 @needs_kernel
@@ -231,18 +254,42 @@ def test_group_grouped_path_against_its_other_paths_and_float64(fmt, block, scal
         assert (got.double() - ref.double()).abs().max().item() <= 2e-2 * scale
 
 
+@pytest.mark.skipif(not quant_kernels.grouped_available("mxfp4", torch.float32), reason="this CPU lacks avx512bw")
+@pytest.mark.parametrize("counts", [[1, 2, 3, 4, 5, 0], [quant_kernels.FUSED_MAX_ROWS_F32, 7, 9, 0, 1, 2]])
+def test_float32_mxfp4_group_grouped_path_is_exact(counts, monkeypatch):
+    """float32 MXFP4 groups take the grouped kernel too (up to FUSED_MAX_ROWS_F32 rows per expert): three calls,
+    exact against the fp32 ExpertGroup on the dequantized weights (1e-5, as every fp32 packed path); float32 FP8
+    groups keep the per-expert GEMV (also exact)."""
+    packed, dense = packed_and_dense_experts("mxfp4", D, I, E, 5)
+    pg = PackedExpertGroup(D, I, swiglu_limit=0.7, fmt="mxfp4")
+    ref = ExpertGroup(D, I, swiglu_limit=0.7)
+    pg.load(0, packed)
+    ref.load(0, dense)
+    x, rows, ids, w = _routing(counts, seed=sum(counts))
+    spy = _Spy(monkeypatch)
+    diff = (pg.forward(0, x, rows, ids, w) - ref.forward(0, x, rows, ids, w)).abs().max().item()
+    assert spy.calls == 3 and diff <= 1e-5, diff
+    packed8, dense8 = packed_and_dense_experts("fp8", D, I, E, 5, block=(32, 64))
+    pg8 = PackedExpertGroup(D, I, swiglu_limit=0.7, fmt="fp8", block=(32, 64))
+    ref8 = ExpertGroup(D, I, swiglu_limit=0.7)
+    pg8.load(0, packed8)
+    ref8.load(0, dense8)
+    diff = (pg8.forward(0, x, rows, ids, w) - ref8.forward(0, x, rows, ids, w)).abs().max().item()
+    assert spy.calls == 3 and diff <= 1e-5, diff
+
+
 @needs_kernel
 def test_group_takes_the_grouped_path_only_where_it_should(monkeypatch):
-    """More than GROUPED_MAX_ROWS rows on one expert, a few pairs (the pair loop), float32 compute, an MXFP4 slot
-    with an out-of-range scale byte hit, fp8 where denormals are flushed: the other paths, still right."""
+    """More than GROUPED_MAX_ROWS rows on one expert (float32: FUSED_MAX_ROWS_F32), a few pairs (the pair loop),
+    an MXFP4 slot with an out-of-range scale byte hit, fp8 where denormals are flushed: the other paths."""
     spy = _Spy(monkeypatch)
     pg, packed, dense = _group_pair("mxfp4", None)
     x, rows, ids, w = _routing([GROUPED_MAX_ROWS + 1, 2, 0, 0, 0, 0], seed=1)
     pg.forward(0, x, rows, ids, w)
     pg.forward(0, x[:1], rows[:2] * 0, torch.tensor([0, 1]), w[:2])
-    f32 = PackedExpertGroup(D, I, fmt="mxfp4")
+    f32 = PackedExpertGroup(D, I, fmt="mxfp4")  # float32: up to FUSED_MAX_ROWS_F32 rows per expert
     f32.load(0, packed)
-    f32.forward(0, *_routing([3, 3, 3, 0, 0, 0], seed=2))
+    f32.forward(0, *_routing([quant_kernels.FUSED_MAX_ROWS_F32 + 1, 3, 3, 0, 0, 0], seed=2))
     assert spy.calls == 0
     odd = packed[1].w3.scale.view(torch.uint8).clone()
     odd[0, 0] = 1  # products below bf16's normal range: the kernel would not decode them exactly
@@ -260,7 +307,7 @@ def test_group_takes_the_grouped_path_only_where_it_should(monkeypatch):
 
 def test_no_grouped_path_without_the_kernel(monkeypatch):
     """A CPU without avx512bf16 / avx512bw (or an AVX2-only CI machine): the group never takes the kernel."""
-    monkeypatch.setattr(quant_kernels, "grouped_available", lambda: False)
+    monkeypatch.setattr(quant_kernels, "grouped_available", lambda fmt, dtype: False)
     pg, _, _ = _group_pair("mxfp4", None)
     assert not pg._grouped
     spy = _Spy(monkeypatch)

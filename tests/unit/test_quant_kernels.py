@@ -130,18 +130,26 @@ def _routing(tokens: int, seed: int):
 
 
 class _PathSpy:
-    """Counts which path each GEMM of a group took (wrapping the real `path`, not replacing it)."""
+    """Counts which path each GEMM of a group took (wrapping the real `path` and the grouped kernel, not
+    replacing them): "gemv" / "tile" / "int8" per expert, "grouped" per call of the grouped kernel."""
 
     def __init__(self, group: PackedExpertGroup, monkeypatch) -> None:
         self.taken: list[str] = []
-        real = group.path
+        real, grouped = group.path, quant_kernels.grouped_mm
         monkeypatch.setattr(group, "path", lambda rows: self.taken.append(real(rows)) or self.taken[-1])
+        monkeypatch.setattr(quant_kernels, "grouped_mm",
+                            lambda *a, **k: self.taken.append("grouped") or grouped(*a, **k))
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "fp8"])
-@pytest.mark.parametrize("tokens, path", [(1, "gemv"), (6, "gemv"), (64, "tile")])  # rows per expert: 1, ~3, ~32
-@pytest.mark.parametrize("tile_elems", [1 << 20, 40 * D])  # one tile per weight, and several (a partial last one)
+@pytest.mark.parametrize("tokens, path", [(1, "gemv"), (6, "grouped"), (64, "tile")])  # rows per expert: 1, ~3,
+@pytest.mark.parametrize("tile_elems", [1 << 20, 40 * D])  # ~32; one tile per weight, and several (partial last)
 def test_group_on_each_path_matches_dequantized_fp32(fmt, tokens, path, tile_elems, monkeypatch):
+    """float32 groups, exact against the dequantized experts on every path: the pair loop's fused GEMVs (one
+    token), one call of the grouped kernel per GEMM (a few rows per expert; the fused GEMV per expert on CPUs
+    where the grouped kernel does not run), decoded tiles (more rows)."""
+    if path == "grouped" and not quant_kernels.grouped_available(fmt, torch.float32):
+        path = "gemv"
     monkeypatch.setattr(quantized, "TILE_ELEMS", tile_elems)
     packed, dense = _experts(fmt)
     pg = PackedExpertGroup(D, I, swiglu_limit=0.5, fmt=fmt, block=(32, 40))
