@@ -12,9 +12,9 @@ import torch
 from support.quant_experts import packed_and_dense_experts
 
 from moeray.experts import quant_kernels, quant_numba
-from moeray.experts.group import GROUPED_MAX_ROWS, ExpertGroup
+from moeray.experts.group import ExpertGroup
 from moeray.experts.quant_formats import dequant_fp8_blocks, dequant_mxfp4, quantize_fp8_blocks, quantize_mxfp4
-from moeray.experts.quantized import PackedExpert, PackedExpertGroup, PackedWeight
+from moeray.experts.quantized import GROUPED_MAX_ROWS, PackedExpert, PackedExpertGroup, PackedWeight
 
 needs_kernel = pytest.mark.skipif(not quant_kernels.grouped_available("mxfp4", torch.bfloat16),
                                   reason="this CPU lacks avx512bf16 / avx512bw (or numba)")

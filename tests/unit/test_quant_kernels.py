@@ -168,11 +168,13 @@ def test_group_on_each_path_matches_dequantized_fp32(fmt, tokens, path, tile_ele
 @pytest.mark.parametrize("tile_elems", [1 << 20, 40 * D])
 @pytest.mark.parametrize("numba_kernels", [True, False])  # without numba: torch's table-gather decode
 @pytest.mark.parametrize("bf16_fast", [True, False])  # bf16 tiles, or fp32 tiles as on a CPU without bf16 GEMMs
+@pytest.mark.parametrize("grouped", [True, False])  # the grouped kernel where it runs, or never (the tiles at 128)
 def test_bf16_group_agrees_with_bf16_experts_on_the_dequantized_weights(fmt, tokens, tile_elems, numba_kernels,
-                                                                         bf16_fast, monkeypatch):
-    """bf16 serving: the packed group (bf16 tiles where the CPU computes bf16 natively, else fp32) against
-    ExpertGroup in bf16 holding the dequantized weights; both round activations to bf16, so they agree to bf16's
-    precision (2e-2 of the largest output, against the fp32 experts and against the bf16 ones)."""
+                                                                         bf16_fast, grouped, monkeypatch):
+    """bf16 serving: the packed group (bf16 tiles where the CPU computes bf16 natively, else fp32; the grouped
+    kernel where it runs, or with it off) against ExpertGroup in bf16 holding the dequantized weights; both
+    round activations to bf16, so they agree to bf16's precision (2e-2 of the largest output, against the fp32
+    experts and against the bf16 ones)."""
     monkeypatch.setattr(quantized, "TILE_ELEMS", tile_elems)
     monkeypatch.setattr(quantized, "_cpu_bf16_fast", lambda: bf16_fast)
     if not numba_kernels:
@@ -180,6 +182,8 @@ def test_bf16_group_agrees_with_bf16_experts_on_the_dequantized_weights(fmt, tok
     packed, dense = _experts(fmt)
     pg = PackedExpertGroup(D, I, dtype=torch.bfloat16, fmt=fmt, block=(32, 40))
     assert pg.tile_dtype == (torch.bfloat16 if bf16_fast else torch.float32)
+    if not grouped:
+        pg._grouped = None
     ref = ExpertGroup(D, I, dtype=torch.bfloat16)
     exact = ExpertGroup(D, I)
     pg.load(0, packed)
