@@ -386,68 +386,52 @@ def mxfp4_scales_in_range(scales: np.ndarray) -> bool:
     return bool(((scales >= E8M0_BITS_MIN) & (scales <= E8M0_BITS_MAX)).all())
 
 
-def _grouped_bf16_kernel(tables, decode_row):
-    """The grouped bf16 GEMM over packed weights: for each group g, rows starts[g]:starts[g + 1] of x [P, K] (bf16
-    bits) times slot slots[g] of the stacked W [S, N, K'] (codes, scales: kernel_args of the stacks, a and b their
-    tables or block), into out[:, col0:col0 + N] (float32). Work items are (group, GROUP_CHUNK_ROWS rows of W);
-    each decodes DOT_ROWS rows of W at a time into an L1 buffer of bf16 bits and dots them with the group's rows
-    by vdpbf16ps blocks (experts/numba_intrinsics.bf16_dot_block_to); the packed weights are read once.
-    `tables(scales, n, n0, a, tabs)` before rows n.. (n0: the item's first row) fills the decoder's per-band
-    tables in tabs [scales.shape[-1], 128] uint16 where it has any; `decode_row(codes, scales, r, a, b, tabs, buf,
-    j)` writes row r into buf[j]: the tile decoders' exact values, rounded as they round."""
+def _grouped_kernel(item_rows):
+    """A grouped GEMM over packed weights: for each group g, rows starts[g]:starts[g + 1] of x [P, K] times slot
+    slots[g] of the stacked W [S, N, K'] (codes, scales: kernel_args of the stacks, a and b their tables or
+    block), into out[:, col0:col0 + N] (float32). Work items (under prange) are (group, GROUP_CHUNK_ROWS rows of
+    W): `item_rows(codes, scales, a, b, x, out, n0, n1, col0)` computes rows n0:n1 of one slot's W against the
+    group's rows x into out. Every expert hit in one call, each on its own rows; the packed weights read once."""
     def grouped(x, starts, slots, codes, scales, a, b, out, col0):
-        n_rows, k = codes.shape[1], x.shape[1]
+        n_rows = codes.shape[1]
         chunks = (n_rows + GROUP_CHUNK_ROWS - 1) // GROUP_CHUNK_ROWS
         for item in prange(slots.shape[0] * chunks):
-            g = item // chunks
-            c = item - g * chunks
-            p0, p1 = starts[g], starts[g + 1]
-            if p1 == p0:
-                continue
-            cs, ss = codes[slots[g]], scales[slots[g]]
-            xg, og = x[p0:p1], out[p0:p1]
-            buf = np.empty((DOT_ROWS, k), np.uint16)
-            tabs = np.empty((ss.shape[1], 128), np.uint16)
-            n0 = c * GROUP_CHUNK_ROWS
-            for n in range(n0, min(n_rows, n0 + GROUP_CHUNK_ROWS), DOT_ROWS):
-                tables(ss, n, n0, a, tabs)
-                for j in range(DOT_ROWS):
-                    _prefetch_row(cs, n + j + PREFETCH_ROWS)
-                    decode_row(cs, ss, n + j, a, b, tabs, buf, j)
-                _bf16_dots(xg, buf, og, col0 + n)
+            g, n0 = item // chunks, (item % chunks) * GROUP_CHUNK_ROWS
+            xg, og = x[starts[g]:starts[g + 1]], out[starts[g]:starts[g + 1]]
+            if xg.shape[0]:
+                item_rows(codes[slots[g]], scales[slots[g]], a, b, xg, og, n0, min(n_rows, n0 + GROUP_CHUNK_ROWS),
+                          col0)
     return grouped
 
 
-def _mxfp4_dot_f32_py(codes, scales, r, a, b, row, x, out, col):  # out[:, col] = x . row r of W, exactly
-    _mxfp4_vec(codes, r, scales, row, 0)  # bf16 bits, exact (scale bytes 2..252), widened exactly by the dots
-    _dots_bf16(x, row, col, out)
+def _bf16_rows(tables, decode_row):
+    """A work item of the grouped bf16 GEMM (x as bf16 bits): DOT_ROWS rows of W at a time decoded into an L1
+    buffer of bf16 bits and dotted with x's rows by vdpbf16ps blocks (experts/numba_intrinsics.
+    bf16_dot_block_to). `tables(scales, n, n0, a, tabs)` before rows n.. fills the decoder's per-band tables in
+    tabs [scales.shape[-1], 128] uint16 where it has any; `decode_row(codes, scales, r, a, b, tabs, buf, j)`
+    writes row r into buf[j]: the tile decoders' exact values, rounded as they round."""
+    def rows(codes, scales, a, b, x, out, n0, n1, col0):
+        buf = np.empty((DOT_ROWS, x.shape[1]), np.uint16)
+        tabs = np.empty((scales.shape[1], 128), np.uint16)
+        for n in range(n0, n1, DOT_ROWS):
+            tables(scales, n, n0, a, tabs)
+            for j in range(DOT_ROWS):
+                _prefetch_row(codes, n + j + PREFETCH_ROWS)
+                decode_row(codes, scales, n + j, a, b, tabs, buf, j)
+            _bf16_dots(x, buf, out, col0 + n)
+    return rows
 
 
-def _grouped_f32_kernel(decode_dot):
-    """The grouped float32 GEMM over packed MXFP4 weights: `_grouped_bf16_kernel`'s groups and work items, each
-    row of W decoded exactly (bf16 bits, exact for scale bytes 2..252) and dotted with the group's rows by the
-    fused GEMV's float32 dots (`decode_dot(codes, scales, r, a, b, row, x, out, col)`, row [1, K] uint16
-    scratch): the GEMV's arithmetic with the vpermw decode, one call for every expert hit instead of one per
-    expert. (FP8 keeps the per-expert GEMV: the same loop over its float32 decode measured no faster than the
-    GEMV, and the whole grouped call 1.7x slower -- 8.7 vs 5.1 ms at 16 tokens, top-2 of 64, D=1024 I=512,
-    2-core Zen 5, one thread.)"""
-    def grouped(x, starts, slots, codes, scales, a, b, out, col0):
-        n_rows, k = codes.shape[1], x.shape[1]
-        chunks = (n_rows + GROUP_CHUNK_ROWS - 1) // GROUP_CHUNK_ROWS
-        for item in prange(slots.shape[0] * chunks):
-            g = item // chunks
-            c = item - g * chunks
-            p0, p1 = starts[g], starts[g + 1]
-            if p1 == p0:
-                continue
-            cs, ss = codes[slots[g]], scales[slots[g]]
-            xg, og = x[p0:p1], out[p0:p1]
-            row = np.empty((1, k), np.uint16)
-            n0 = c * GROUP_CHUNK_ROWS
-            for r in range(n0, min(n_rows, n0 + GROUP_CHUNK_ROWS)):
-                _prefetch_row(cs, r + PREFETCH_ROWS)
-                decode_dot(cs, ss, r, a, b, row, xg, og, col0 + r)
-    return grouped
+def _mxfp4_f32_rows_py(codes, scales, a, b, x, out, n0, n1, col0):
+    # a work item of the grouped float32 MXFP4 GEMM: each row of W decoded exactly (bf16 bits, exact for scale
+    # bytes 2..252) and dotted with x's rows by the fused GEMV's float32 dots -- the GEMV's arithmetic with the
+    # vpermw decode. (FP8 keeps the per-expert GEMV: a grouped loop over its float32 decode measured 1.7x slower
+    # for the whole call, 8.7 vs 5.1 ms at 16 tokens, top-2 of 64, D=1024 I=512, 2-core Zen 5, one thread.)
+    row = np.empty((1, x.shape[1]), np.uint16)
+    for r in range(n0, n1):
+        _prefetch_row(codes, r + PREFETCH_ROWS)
+        _mxfp4_vec(codes, r, scales, row, 0)
+        _dots_bf16(x, row, col0 + r, out)
 
 
 def _prefetch_row_py(codes, r):  # the cache lines of row r of a 2-D byte array, if it has one
@@ -506,17 +490,20 @@ if numba is not None:
     _fp8_tables = numba.njit(fastmath=False, cache=True)(_named(_fp8_tables_py, "fp8_band_tables"))
     _fp8_band_tables = _inline_exact(_fp8_band_tables_py)
     _no_tables = _inline(_no_tables_py)
-    _mxfp4_dot_f32 = _inline(_mxfp4_dot_f32_py)
+    _mxfp4_f32_rows = _inline(_mxfp4_f32_rows_py)
     _fp8_row_lut = _inline_exact(_fp8_row_lut_py)
     _fp8_row_arith_grouped = _inline_exact(_fp8_row_arith_grouped_py)
+    _bf16_rows_mxfp4 = _inline(_named(_bf16_rows(_no_tables, _mxfp4_row_vec), "bf16_rows_mxfp4"))
+    _bf16_rows_fp8_lut = _inline_exact(_named(_bf16_rows(_fp8_band_tables, _fp8_row_lut), "bf16_rows_fp8_lut"))
+    _bf16_rows_fp8 = _inline_exact(_named(_bf16_rows(_no_tables, _fp8_row_arith_grouped), "bf16_rows_fp8"))
     for _par in (False, True):
         _KERNELS[("mxfp4", _par)] = {
             "gemv": _jit_kernel(_mxfp4_gemv_kernel, "gemv_mxfp4_u16lanes", _par),
             "f32": _jit_kernel(_mxfp4_f32_kernel, "decode_f32_mxfp4", _par),
             "bf16": _jit_kernel(_mxfp4_bf16_kernel, "decode_bf16_mxfp4_u16lanes", _par),
             "bf16_table": _jit_kernel(_mxfp4_bf16_table_kernel, "decode_bf16_mxfp4_table", _par),
-            "grouped_bf16": _jit_kernel(_grouped_bf16_kernel(_no_tables, _mxfp4_row_vec), "grouped_bf16_mxfp4", _par),
-            "grouped_f32": _jit_kernel(_grouped_f32_kernel(_mxfp4_dot_f32), "grouped_f32_mxfp4", _par)}
+            "grouped_bf16": _jit_kernel(_grouped_kernel(_bf16_rows_mxfp4), "grouped_bf16_mxfp4", _par),
+            "grouped_f32": _jit_kernel(_grouped_kernel(_mxfp4_f32_rows), "grouped_f32_mxfp4", _par)}
         _KERNELS[("fp8", _par)] = {
             "gemv": _jit_kernel(_fp8_gemv_kernel, "gemv_fp8_arith", _par),
             "f32_table": _jit_kernel(_fp8_tile_kernel(_fp8_lut_f32, np.float32), "decode_f32_fp8", _par),
@@ -526,10 +513,10 @@ if numba is not None:
             "bf16": _jit_kernel(_fp8_arith_kernel(_fp8_row_bf16), "decode_bf16_fp8_arith", _par, fastmath=False),
             # blocks of bo x bi with bo a multiple of DOT_ROWS and bi of 32 (every checkpoint's) by the lookup,
             # others by the exact decode
-            "grouped_bf16": _jit_kernel(_grouped_bf16_kernel(_fp8_band_tables, _fp8_row_lut),
-                                        "grouped_bf16_fp8_lut", _par, fastmath=False),
-            "grouped_bf16_arith": _jit_kernel(_grouped_bf16_kernel(_no_tables, _fp8_row_arith_grouped),
-                                              "grouped_bf16_fp8", _par, fastmath=False)}
+            "grouped_bf16": _jit_kernel(_grouped_kernel(_bf16_rows_fp8_lut), "grouped_bf16_fp8_lut", _par,
+                                        fastmath=False),
+            "grouped_bf16_arith": _jit_kernel(_grouped_kernel(_bf16_rows_fp8), "grouped_bf16_fp8", _par,
+                                              fastmath=False)}
         for _fmt in ("mxfp4", "fp8"):
             _KERNELS[(_fmt, _par)].update({
                 f"{_name}_x3": _jit_kernel(_three_weights_kernel(_KERNELS[(_fmt, _par)][_name]),
