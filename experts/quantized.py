@@ -254,9 +254,10 @@ class PackedExpertGroup:
         order = torch.argsort(ids, stable=True)
         uniq, counts = torch.unique_consecutive(ids[order], return_counts=True)
         rows_sorted = pair_rows.to(self.device)[order]
-        slots = self._grouped_call(layer, uniq, counts)
+        stack = self._stacks.get(layer)  # (read once: a load from another thread replaces it)
+        slots = self._grouped_call(stack, uniq, counts)
         if slots is not None:
-            out = self._grouped_mm(layer, xs, rows_sorted, weights.to(self.device)[order], slots, counts.numpy())
+            out = self._grouped_mm(stack, xs, rows_sorted, weights.to(self.device)[order], slots, counts.numpy())
             return out.to(x.device, out_dtype or x.dtype)
         w_sorted = weights.to(self.device, self.dtype)[order]
         xs_sorted = xs.index_select(0, rows_sorted)  # [P, D], pairs grouped by expert
@@ -269,29 +270,30 @@ class PackedExpertGroup:
         out.index_add_(0, rows_sorted, y.mul_(w_sorted[:, None]))
         return out.to(x.device, out_dtype or x.dtype)
 
-    def _grouped_call(self, layer: int, ids: torch.Tensor, counts: torch.Tensor) -> np.ndarray | None:
-        """The stack indices of the experts hit (ids, in order) where this call takes the grouped kernel, else
+    def _grouped_call(self, stack: tuple | None, ids: torch.Tensor, counts: torch.Tensor) -> np.ndarray | None:
+        """The indices in `stack` (the layer's `_stacks` entry) of the experts hit (ids, in order) where this call
+        takes the grouped kernel, else
         None. It does where the kernel runs for this group (`_grouped`), no expert has more rows than the limit
         (bf16 rows: GROUPED_MAX_ROWS; float32: the fused GEMV's FUSED_MAX_ROWS_F32, the same arithmetic), every
         expert hit is one the kernel can compute
         (`_grouped_slots`), and for fp8 only where this thread keeps denormals (its exact decode needs them)."""
         limit = GROUPED_MAX_ROWS if self._grouped == torch.bfloat16 else quant_kernels.FUSED_MAX_ROWS_F32
-        if not self._grouped or int(counts.max()) > limit or layer not in self._stacks:
+        if not self._grouped or int(counts.max()) > limit or stack is None:
             return None
         if self.fmt == "fp8" and not quant_kernels.denormals_kept():
             return None
-        index, _, ok = self._stacks[layer]
+        index, _, ok = stack
         slots = np.array([index[e] for e in ids.tolist()], dtype=np.int64)
         return slots if ok[slots].all() else None
 
-    def _grouped_mm(self, layer: int, xs: torch.Tensor, rows_sorted: torch.Tensor, w_sorted: torch.Tensor,
+    def _grouped_mm(self, stack: tuple, xs: torch.Tensor, rows_sorted: torch.Tensor, w_sorted: torch.Tensor,
                     slots: np.ndarray, counts: np.ndarray) -> torch.Tensor:
         """Every expert hit, each on its own rows, in three calls of the grouped kernel (w1 and w3 into the two
         halves of h [P, 2I], w2 after the activation): ExpertGroup._grouped_mm over the packed stacks, float32
         sums, activation and weighted scatter. bf16 rows: x and the activation rounded to bf16 for the GEMMs, the
         output once at the end (the tile path rounds h to bf16 too: one rounding fewer here); float32 rows:
         exact up to summation order. -> [M, D] in the group's dtype."""
-        a1, a3, a2 = self._stacks[layer][1]
+        a1, a3, a2 = stack[1]
         starts = np.zeros(len(slots) + 1, dtype=np.int64)
         np.cumsum(counts, out=starts[1:])
         x = xs.index_select(0, rows_sorted).to(self._grouped)  # [P, D], pairs grouped by expert
