@@ -11,9 +11,9 @@ expert actor's bytes are the checkpoint's bytes. The compute, per expert hit:
   per expert, the same one call per GEMM with the fused GEMV's exact float32 dots (CPUs with AVX512-BW; 2.3x
   the per-expert GEMVs at 16 routed tokens, 2.74 vs 6.34 ms, same machine and sizes as below). The layer's slots are
   stacked for it at load, one [S, ...] tensor per weight (`_set`).
-  Measured on a 2-core Zen 5 EPYC, D=1024, I=512, top-2 of 64, one thread (bench/experts.py --packed): MXFP4
-  1.6x / FP8 1.2x the tokens/s of the bf16 experts at 16 routed tokens, where the per-expert loop ran 0.59x /
-  0.74x; 1.4x / 1.2x at 512 (was 0.66x / 0.61x).
+  Measured on a 2-core Zen 5 EPYC, D=1024, I=512, top-2 of 64, one thread (bench/experts.py --packed, six
+  runs): MXFP4 1.6-1.7x / FP8 1.1-1.2x the tokens/s of the bf16 experts at 16 routed tokens, where the
+  per-expert loop ran 0.59x / 0.74x; 1.4-1.5x / 1.1-1.3x at 512 (was 0.66x / 0.61x).
 - `fp8`, `mxfp4`, few rows per expert (decode, small batches: `path(c)` == "gemv"): numba's fused GEMV decodes
   each row of W once into an L1 buffer and dots it with every row of x -- the packed weights are read once,
   nothing is materialized (experts/quant_kernels.py).
