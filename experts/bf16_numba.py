@@ -85,7 +85,7 @@ def _grouped_kernel(x, starts, slots, w, out):  # x [P, K] u16, starts [G+1], sl
 
 _KERNELS: dict[bool, object] = {}
 if numba is not None:  # the intrinsics are only declared here; nothing is compiled before the first call
-    from moeray.experts.numba_intrinsics import bf16_dot_block
+    from moeray.experts.numba_intrinsics import bf16_dot_block, source_tag
 
     _dot1, _dot2, _dot3, _dot4 = (bf16_dot_block(r, BLOCK) for r in (1, 2, 3, 4))
 
@@ -95,7 +95,7 @@ def _kernel(parallel: bool):
     too, so a cache file never serves another CPU)."""
     if parallel not in _KERNELS:
         fn = _grouped_kernel  # a distinct name per variant: numba's cache is keyed by name and signature
-        fn.__qualname__ = fn.__name__ = f"bf16_grouped_{'parallel' if parallel else 'serial'}"
+        fn.__qualname__ = fn.__name__ = f"bf16_grouped_{'parallel' if parallel else 'serial'}_{source_tag()}"
         _KERNELS[parallel] = numba.njit(parallel=parallel, fastmath=True, cache=True)(fn)
     return _KERNELS[parallel]
 

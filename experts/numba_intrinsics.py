@@ -8,6 +8,17 @@ from llvmlite import ir as _llvm_ir
 from numba import types as _nb_types
 from numba.extending import intrinsic as _intrinsic
 
+
+def source_tag() -> str:
+    """A digest of this file, for the names of the kernels that use these intrinsics: numba's on-disk cache is
+    invalidated by a change to the kernel's own file only, so a changed intrinsic would otherwise keep serving the
+    code compiled from the old one."""
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:10]
+
+
 PREFETCH_LOCALITY = 3  # llvm.prefetch locality: 3 = all cache levels (0, non-temporal, measured 1.2x slower)
 
 

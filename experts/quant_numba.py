@@ -454,7 +454,7 @@ def _three_weights_kernel(kern):
 
 def _jit_kernel(fn, name: str, parallel: bool, fastmath: bool = True):
     # a distinct name per (kernel, parallel): numba's on-disk cache is keyed by name and signature only
-    fn.__qualname__ = f"{name}_{'parallel' if parallel else 'serial'}"
+    fn.__qualname__ = f"{name}_{'parallel' if parallel else 'serial'}_{_SOURCE_TAG}"  # see source_tag
     return numba.njit(parallel=parallel, fastmath=fastmath, cache=True)(fn)
 
 
@@ -466,9 +466,16 @@ if numba is not None:
     _mxfp4_row = _inline(_mxfp4_row_py)
     _fp8_lut_f32 = _inline(_fp8_band_lut_f32_py)
     _fp8_lut_bf16 = _inline(_fp8_band_lut_bf16_py)
-    from moeray.experts.numba_intrinsics import bf16_dot_block_to, fp8_row_bf16_lut, intrinsics, mxfp4_row_bf16
+    from moeray.experts.numba_intrinsics import (
+        bf16_dot_block_to,
+        fp8_row_bf16_lut,
+        intrinsics,
+        mxfp4_row_bf16,
+        source_tag,
+    )
 
     _as_f32, _as_i32, _prefetch = intrinsics()
+    _SOURCE_TAG = source_tag()
     # the two dots differ only in their load; distinct names, since numba's cache is keyed by name and signature
     _dots = _inline(_named(_dots_kernel(_inline(_load_f32_py)), "dots_f32"))
     _dots_bf16 = _inline(_named(_dots_kernel(_inline(_load_bf16_py)), "dots_bf16"))

@@ -117,7 +117,7 @@ def _decode_kernel(q, k, v, tables, ctx, lo, rpp, scale, out):
 
 _KERNELS: dict[bool, object] = {}
 if numba is not None:
-    from moeray.experts.numba_intrinsics import bf16_dot_block, intrinsics
+    from moeray.experts.numba_intrinsics import bf16_dot_block, intrinsics, source_tag
 
     _as_f32, _as_i32, _ = intrinsics()
     _exp2 = numba.njit(fastmath=True, cache=True, inline="always")(_exp2_py)
@@ -127,7 +127,7 @@ if numba is not None:
 def _kernel(parallel: bool):
     if parallel not in _KERNELS:
         fn = _decode_kernel  # a distinct name per variant: numba's cache is keyed by name and signature
-        fn.__qualname__ = fn.__name__ = f"paged_decode_bf16_{'parallel' if parallel else 'serial'}"
+        fn.__qualname__ = fn.__name__ = f"paged_decode_bf16_{'parallel' if parallel else 'serial'}_{source_tag()}"
         _KERNELS[parallel] = numba.njit(parallel=parallel, fastmath=True, cache=True)(fn)
     return _KERNELS[parallel]
 
