@@ -50,7 +50,8 @@ def build_hf_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = hf_config(family)
     cls = {"mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM,
-           "qwen3_moe": tf.Qwen3MoeForCausalLM, "qwen3_moe_hd64": tf.Qwen3MoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM}[family]
+           "qwen3_moe": tf.Qwen3MoeForCausalLM, "qwen3_moe_hd64": tf.Qwen3MoeForCausalLM,
+           "deepseek_v3": tf.DeepseekV3ForCausalLM}[family]
     model = cls(cfg).eval()
     _perturb_router_state(model)
     return model
@@ -111,7 +112,8 @@ def build_with_tokenizer(family: str = "qwen3_moe", seed: int = 0) -> Path:
     cfg.vocab_size = 512
     cfg.eos_token_id = tok.token_to_id("<|eos|>")
     cls = {"mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM,
-           "qwen3_moe": tf.Qwen3MoeForCausalLM, "qwen3_moe_hd64": tf.Qwen3MoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM}[family]
+           "qwen3_moe": tf.Qwen3MoeForCausalLM, "qwen3_moe_hd64": tf.Qwen3MoeForCausalLM,
+           "deepseek_v3": tf.DeepseekV3ForCausalLM}[family]
     model = cls(cfg).eval()
     _perturb_router_state(model)
     out = Path(tempfile.mkdtemp(prefix=f"moeray-{family}-tok-"))

@@ -48,7 +48,6 @@ def test_grouped_mm_rejects_other_dtypes():
 def test_bf16_group_kernel_path_matches_the_library_path(limit, monkeypatch):
     """Decode-sized calls (B = 3 and 16, top-2 of 6) through the kernel against the same group with the kernel
     off (the bmm / per-expert oneDNN paths); both are bf16, so within bf16 rounding of each other."""
-    import moeray.experts.group as group
 
     d, i, e = 64, 32, 6
     g = torch.Generator().manual_seed(3)

@@ -5,7 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeray.router.placement import actor_loads, default_redundant, imbalance, pack_replicas, rebalance, replicate_experts
+from moeray.router.placement import (
+    actor_loads,
+    default_redundant,
+    imbalance,
+    pack_replicas,
+    rebalance,
+    replicate_experts,
+)
 from moeray.router.table import RoutingTable
 
 NUM_LAYERS, NUM_EXPERTS, NUM_GROUPS = 4, 16, 4
