@@ -101,33 +101,14 @@ def _kernel(parallel: bool):
 
 
 def threads() -> int:
-    """The kernel's threads: torch's count, capped by numba's pool (started by `start_pool` at first use)."""
+    """The kernel's threads: torch's count, capped by numba's pool. (numba's `omp` layer runs on the system's
+    libgomp, torch on the one bundled with it: two pools of workers on the same cores. Starting numba's with
+    OMP_WAIT_POLICY=PASSIVE, so its workers sleep as soon as a kernel ends, measured the same as the default on
+    the 2-core Zen 5, quiet or beside a 1-thread CPU hog: 3 interleaved runs each, within the noise.)"""
     n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if n > 1:
-        start_pool()
         numba.set_num_threads(n)
     return n
-
-
-@functools.cache
-def start_pool() -> str:
-    """Start numba's thread pool once -> its threading layer. numba's `omp` layer runs on the system's libgomp,
-    torch on the libgomp bundled with it: two OpenMP runtimes, two pools of workers on the same cores. A libgomp
-    worker spins for a while after each parallel region (the default wait policy), so the other pool's next region
-    waits for the core it holds. Unless OMP_WAIT_POLICY is set, numba's runtime is started with it PASSIVE (its
-    workers sleep as soon as a kernel ends; torch's keep their default), read by libgomp once, at load.
-    MOERAY_NUMBA_WAIT=active keeps libgomp's default for numba's pool too."""
-    from numba.np.ufunc import parallel
-
-    passive = "OMP_WAIT_POLICY" not in os.environ and os.environ.get("MOERAY_NUMBA_WAIT", "passive") == "passive"
-    if passive:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        parallel._launch_threads()
-    finally:
-        if passive:
-            del os.environ["OMP_WAIT_POLICY"]
-    return numba.threading_layer()
 
 
 def grouped_mm(x: torch.Tensor, starts: np.ndarray, slots: np.ndarray, w: torch.Tensor) -> torch.Tensor:

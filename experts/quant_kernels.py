@@ -21,7 +21,7 @@ import functools
 import numpy as np
 import torch
 
-from moeray.experts import quant_numba
+from moeray.experts import bf16_numba, quant_numba
 from moeray.experts.quant_numba import (  # noqa: F401
     _KERNELS,
     E2M1_PAIRS,
@@ -39,10 +39,8 @@ FUSED_MAX_ROWS_F32 = 16
 
 
 def _threads() -> int:
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if threads > 1:
-        numba.set_num_threads(threads)
-    return threads
+    """The kernels' threads (torch's count, capped by numba's pool): bf16_numba.threads, shared by every kernel."""
+    return bf16_numba.threads()
 
 
 def _scale_f32(scale: torch.Tensor) -> np.ndarray:
