@@ -141,7 +141,9 @@ def _dot_codegen(context, builder, signature, args, rx: int, rw: int, out_col: i
 def _sum4(builder, vs):
     """Four <16 x float> -> <4 x float> of their lane sums by a shuffle tree: halves added (16 -> 8 lanes), then
     pairs of vectors interleaved and added twice, then once more -- 14 shuffles and 7 adds for the four sums,
-    against four separate reductions' ~32 (measured in the grouped kernels: see experts/bf16_numba.py)."""
+    against four separate reductions' ~32. Measured on the 2-core Zen 5, alternating old and new: the grouped bf16
+    kernel's GEMM at 16 rows per expert 1.33 -> 1.02-1.13 ms per layer; the engine's expert time per B=64 step
+    10.5-11.2 -> 7.3-8.6 ms."""
     i32 = _llvm_ir.IntType(32)
 
     def shuf(a, b, idx):
