@@ -68,19 +68,23 @@ def _grouped_kernel(x, starts, slots, w, out):  # x [P, K] u16, starts [G+1], sl
         if p1 == p0:
             continue
         xg, og, wg = x[p0:p1], out[p0:p1], w[slots[g]]
-        rows = p1 - p0
         for n in range(c * CHUNK_ROWS, min(n_rows, c * CHUNK_ROWS + CHUNK_ROWS), BLOCK):
-            t = 0
-            while t + BLOCK <= rows:
-                _dot4(xg, t, wg, n, og)
-                t += BLOCK
-            rest = rows - t
-            if rest == 1:
-                _dot1(xg, t, wg, n, og)
-            elif rest == 2:
-                _dot2(xg, t, wg, n, og)
-            elif rest == 3:
-                _dot3(xg, t, wg, n, og)
+            dot_rows(xg, wg, n, og)
+
+
+def _dot_rows_py(x, w, n, out):  # every row of x [T, K] against rows n..n+3 of w -> out[:, n..n+3] (float32)
+    rows = x.shape[0]
+    t = 0
+    while t + BLOCK <= rows:
+        _dot4(x, t, w, n, out)
+        t += BLOCK
+    rest = rows - t
+    if rest == 1:
+        _dot1(x, t, w, n, out)
+    elif rest == 2:
+        _dot2(x, t, w, n, out)
+    elif rest == 3:
+        _dot3(x, t, w, n, out)
 
 
 _KERNELS: dict[bool, object] = {}
@@ -88,6 +92,8 @@ if numba is not None:  # the intrinsics are only declared here; nothing is compi
     from moeray.experts.numba_intrinsics import bf16_dot_block, source_tag
 
     _dot1, _dot2, _dot3, _dot4 = (bf16_dot_block(r, BLOCK) for r in (1, 2, 3, 4))
+    # inlined into the kernels that use it (here and models/paged_decode.py)
+    dot_rows = numba.njit(fastmath=True, cache=True, inline="always")(_dot_rows_py)
 
 
 def _kernel(parallel: bool):

@@ -9,14 +9,17 @@ from numba import types as _nb_types
 from numba.extending import intrinsic as _intrinsic
 
 
-def source_tag() -> str:
-    """A digest of this file, for the names of the kernels that use these intrinsics: numba's on-disk cache is
-    invalidated by a change to the kernel's own file only, so a changed intrinsic would otherwise keep serving the
-    code compiled from the old one."""
+def source_tag(*files: str) -> str:
+    """A digest of this file and `files` (other modules whose inlined helpers a kernel uses), for the names of the
+    kernels that use these intrinsics: numba's on-disk cache is invalidated by a change to the kernel's own file
+    only, so a changed intrinsic or helper would otherwise keep serving the code compiled from the old one."""
     import hashlib
     from pathlib import Path
 
-    return hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:10]
+    digest = hashlib.sha1()
+    for f in (__file__, *files):
+        digest.update(Path(f).read_bytes())
+    return digest.hexdigest()[:10]
 
 
 PREFETCH_LOCALITY = 3  # llvm.prefetch locality: 3 = all cache levels (0, non-temporal, measured 1.2x slower)

@@ -77,17 +77,7 @@ def _decode_kernel(q, k, v, tables, ctx, lo, rpp, scale, out):
             kp = kh[base:base + rpp]
             sp = scores[:, p * rpp:p * rpp + rpp]
             for r in range(0, rpp, 4):
-                t = 0
-                while t + 4 <= g_num:
-                    _dot4(qh, t, kp, r, sp)
-                    t += 4
-                rest = g_num - t
-                if rest == 1:
-                    _dot1(qh, t, kp, r, sp)
-                elif rest == 2:
-                    _dot2(qh, t, kp, r, sp)
-                elif rest == 3:
-                    _dot3(qh, t, kp, r, sp)
+                _dot_rows(qh, kp, r, sp)
         acc = np.zeros((g_num, dh), np.float32)
         for g in range(g_num):
             m = np.float32(-np.inf)
@@ -117,17 +107,18 @@ def _decode_kernel(q, k, v, tables, ctx, lo, rpp, scale, out):
 
 _KERNELS: dict[bool, object] = {}
 if numba is not None:
-    from moeray.experts.numba_intrinsics import bf16_dot_block, intrinsics, source_tag
+    from moeray.experts.numba_intrinsics import intrinsics, source_tag
 
     _as_f32, _as_i32, _ = intrinsics()
     _exp2 = numba.njit(fastmath=True, cache=True, inline="always")(_exp2_py)
-    _dot1, _dot2, _dot3, _dot4 = (bf16_dot_block(r, 4) for r in (1, 2, 3, 4))
+    _dot_rows = bf16_numba.dot_rows
 
 
 def _kernel(parallel: bool):
     if parallel not in _KERNELS:
         fn = _decode_kernel  # a distinct name per variant: numba's cache is keyed by name and signature
-        fn.__qualname__ = fn.__name__ = f"paged_decode_bf16_{'parallel' if parallel else 'serial'}_{source_tag()}"
+        tag = source_tag(bf16_numba.__file__)  # its inlined dot_rows lives there
+        fn.__qualname__ = fn.__name__ = f"paged_decode_bf16_{'parallel' if parallel else 'serial'}_{tag}"
         _KERNELS[parallel] = numba.njit(parallel=parallel, fastmath=True, cache=True)(fn)
     return _KERNELS[parallel]
 
