@@ -46,17 +46,11 @@ def _groups(counts, slots):
     return starts, np.array(slots, dtype=np.int64)
 
 
-@needs_kernel
-@pytest.mark.parametrize("fmt, block, scale_fmt", CASES)
-@pytest.mark.parametrize("threads", [1, 2])  # the serial kernel, and the prange one
-def test_grouped_kernel_equals_the_exact_sums(fmt, block, scale_fmt, threads):
-    """Groups of 1-9 rows (every remainder of the 4-row dot block), slots out of order and one used twice, into
-    columns 8: of a wider output: within float32 summation error of the float64 sums of the bf16 products (x
-    and the dequantized weights rounded to bf16, as the tile path's GEMM takes them)."""
-    args, ref = _stacked(fmt, block, scale_fmt)
-    counts, slot_ids = [1, 4, 3, 9, 2, 5, 7, 6], [2, 0, 1, 2, 0, 1, 0, 2]
-    starts, slots = _groups(counts, slot_ids)
-    x = torch.randn(int(starts[-1]), K, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+def _grouped_into_wide_output(fmt, args, dtype, threads):
+    """The kernel on groups of 1-9 rows (every remainder of the 4-row dot block), slots out of order and one used
+    twice, into columns 8: of a wider output -> (x, starts, slots, out[:, 8:]); the columns before untouched."""
+    starts, slots = _groups([1, 4, 3, 9, 2, 5, 7, 6], [2, 0, 1, 2, 0, 1, 0, 2])
+    x = torch.randn(int(starts[-1]), K, generator=torch.Generator().manual_seed(1)).to(dtype)
     out = np.full((x.shape[0], N + 8), -7.0, dtype=np.float32)
     torch.set_num_threads(threads)
     try:
@@ -64,33 +58,34 @@ def test_grouped_kernel_equals_the_exact_sums(fmt, block, scale_fmt, threads):
     finally:
         torch.set_num_threads(1)
     assert (out[:, :8] == -7.0).all()  # the columns before col0 untouched
+    return x, starts, slots, torch.from_numpy(out[:, 8:]).double()
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt, block, scale_fmt", CASES)
+@pytest.mark.parametrize("threads", [1, 2])  # the serial kernel, and the prange one
+def test_grouped_kernel_equals_the_exact_sums(fmt, block, scale_fmt, threads):
+    """Within float32 summation error of the float64 sums of the bf16 products (x and the dequantized weights
+    rounded to bf16, as the tile path's GEMM takes them)."""
+    args, ref = _stacked(fmt, block, scale_fmt)
+    x, starts, slots, got = _grouped_into_wide_output(fmt, args, torch.bfloat16, threads)
     for g, s in enumerate(slots):
         rows = slice(starts[g], starts[g + 1])
         want = x[rows].double() @ ref[s].to(torch.bfloat16).double().t()
-        got = torch.from_numpy(out[rows, 8:]).double()
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), f"group {g}"
+        assert torch.allclose(got[rows], want, rtol=1e-5, atol=1e-5), f"group {g}"
 
 
 @pytest.mark.skipif(not quant_kernels.grouped_available("mxfp4", torch.float32), reason="this CPU lacks avx512bw")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_grouped_float32_mxfp4_kernel_is_exact(threads):
-    """The float32 MXFP4 kernel on the same groups (1-9 rows, slots out of order and reused, an output column
-    offset): within float32 summation error (1e-5) of x @ dequant(W).t() in float64 -- no rounding of x or W."""
-    fmt = "mxfp4"
-    args, ref = _stacked(fmt, None, "float")
-    starts, slots = _groups([1, 4, 3, 9, 2, 5, 7, 6], [2, 0, 1, 2, 0, 1, 0, 2])
-    x = torch.randn(int(starts[-1]), K, generator=torch.Generator().manual_seed(1))
-    out = np.full((x.shape[0], N + 8), -7.0, dtype=np.float32)
-    torch.set_num_threads(threads)
-    try:
-        quant_kernels.grouped_mm(fmt, x, starts, slots, args, out, 8)
-    finally:
-        torch.set_num_threads(1)
-    assert (out[:, :8] == -7.0).all()
+    """The float32 MXFP4 kernel on the same groups: within float32 summation error (1e-5) of x @ dequant(W).t()
+    in float64 -- no rounding of x or W."""
+    args, ref = _stacked("mxfp4", None, "float")
+    x, starts, slots, got = _grouped_into_wide_output("mxfp4", args, torch.float32, threads)
     for g, s in enumerate(slots):
         rows = slice(starts[g], starts[g + 1])
         want = x[rows].double() @ ref[s].double().t()
-        assert (torch.from_numpy(out[rows, 8:]).double() - want).abs().max().item() <= 1e-5, f"group {g}"
+        assert (got[rows] - want).abs().max().item() <= 1e-5, f"group {g}"
 
 
 def _decoded_by_kernel(fmt, codes, scale, block):
