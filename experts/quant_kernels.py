@@ -11,7 +11,8 @@
   dots; float32 rows by an exact decode and float32 dots.
 
 The numba kernels themselves (decoders, GEMVs, their design and measured choices) live in
-experts/quant_numba.py; this module picks one per call and passes numpy views of torch tensors.
+experts/quant_numba.py (the grouped ones in experts/quant_grouped.py); this module picks one per call and passes
+numpy views of torch tensors.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import functools
 import numpy as np
 import torch
 
-from moeray.experts import bf16_numba, quant_numba
+from moeray.experts import bf16_numba, quant_grouped
+from moeray.experts.quant_grouped import mxfp4_scales_in_range  # noqa: F401 (importing it registers the kernels)
 from moeray.experts.quant_numba import (  # noqa: F401
     _KERNELS,
     E2M1_PAIRS,
     E4M3_LUT,
     E8M0_LUT,
     available,
-    mxfp4_scales_in_range,
     numba,
 )
 
@@ -167,7 +168,7 @@ def grouped_mm(fmt: str, x: torch.Tensor, starts: np.ndarray, slots: np.ndarray,
         return
     if x.dtype != torch.bfloat16:
         raise TypeError(f"grouped_mm takes bfloat16 or float32 rows, not {x.dtype}")
-    lut = fmt != "fp8" or (args[2][0] % quant_numba.DOT_ROWS == 0 and args[2][1] % 32 == 0)
+    lut = fmt != "fp8" or (args[2][0] % quant_grouped.DOT_ROWS == 0 and args[2][1] % 32 == 0)
     kernel = kernels["grouped_bf16" if lut else "grouped_bf16_arith"]
     kernel(x.contiguous().view(torch.uint16).numpy(), starts, slots, *args, out, col0)
 

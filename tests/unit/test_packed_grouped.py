@@ -11,7 +11,7 @@ import pytest
 import torch
 from support.quant_experts import packed_and_dense_experts
 
-from moeray.experts import quant_kernels, quant_numba
+from moeray.experts import quant_grouped, quant_kernels
 from moeray.experts.group import ExpertGroup
 from moeray.experts.quant_formats import dequant_fp8_blocks, dequant_mxfp4, quantize_fp8_blocks, quantize_mxfp4
 from moeray.experts.quantized import GROUPED_MAX_ROWS, PackedExpert, PackedExpertGroup, PackedWeight
@@ -103,19 +103,19 @@ def _decoded_by_kernel(fmt, codes, scale, block):
 @numba.njit
 def _decode_rows_as_the_kernel(tables, decode_row, codes, scales, a, b, out):  # the kernel's decode loop, no dots
     tabs = np.empty((scales.shape[1], 128), np.uint16)
-    for n in range(0, codes.shape[0], quant_numba.DOT_ROWS):
+    for n in range(0, codes.shape[0], quant_grouped.DOT_ROWS):
         tables(scales, n, 0, a, tabs)
-        for j in range(quant_numba.DOT_ROWS):
+        for j in range(quant_grouped.DOT_ROWS):
             decode_row(codes, scales, n + j, a, b, tabs, out, n + j)
 
 
 def _decoded_bits(fmt, codes, scale, block):
     """W [n, k] as bf16, decoded by the grouped kernel's own decoders for this format and block (NaN included)."""
     args = quant_kernels.kernel_args(fmt, codes, scale, block)
-    lut = fmt == "mxfp4" or (block[0] % quant_numba.DOT_ROWS == 0 and block[1] % 32 == 0)
-    fns = {"mxfp4": (quant_numba._no_tables, quant_numba._mxfp4_row_vec)}.get(fmt) or (
-        (quant_numba._fp8_band_tables, quant_numba._fp8_row_lut) if lut
-        else (quant_numba._no_tables, quant_numba._fp8_row_arith_grouped))
+    lut = fmt == "mxfp4" or (block[0] % quant_grouped.DOT_ROWS == 0 and block[1] % 32 == 0)
+    fns = {"mxfp4": (quant_grouped._no_tables, quant_grouped._mxfp4_row_vec)}.get(fmt) or (
+        (quant_grouped._fp8_band_tables, quant_grouped._fp8_row_lut) if lut
+        else (quant_grouped._no_tables, quant_grouped._fp8_row_arith_grouped))
     out = np.empty((codes.shape[0], codes.shape[1] * (2 if fmt == "mxfp4" else 1)), dtype=np.uint16)
     _decode_rows_as_the_kernel(*fns, *args, out)
     return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)

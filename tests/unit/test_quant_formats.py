@@ -8,7 +8,7 @@ import torch
 from support.quant_experts import packed_and_dense_experts
 
 from moeray.common.errors import ConfigError
-from moeray.experts import quant_kernels, quantized
+from moeray.experts import quant_kernels, quant_tiles
 from moeray.experts.group import ExpertGroup
 from moeray.experts.quant_formats import (
     dequant_fp8_blocks,
@@ -135,7 +135,7 @@ def _packed_experts(fmt: str, block=(32, 32)):
 @pytest.mark.parametrize("tile_elems", [1 << 20, 40 * D])  # one tile, and several (with a partial last one)
 @pytest.mark.parametrize("numba_kernels", [True, False])  # fused/one-pass numba kernels, or torch ops only
 def test_packed_group_matches_dequantized_group(fmt, tile_elems, numba_kernels, monkeypatch):
-    monkeypatch.setattr(quantized, "TILE_ELEMS", tile_elems)
+    monkeypatch.setattr(quant_tiles, "TILE_ELEMS", tile_elems)
     if not numba_kernels:
         monkeypatch.setattr(quant_kernels, "available", lambda: False)
     packed, dense = _packed_experts(fmt, block=(24, 40))  # blocks that split neither D nor I evenly

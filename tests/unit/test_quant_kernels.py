@@ -5,7 +5,7 @@ import pytest
 import torch
 from support.quant_experts import packed_and_dense_experts
 
-from moeray.experts import quant_kernels, quantized
+from moeray.experts import quant_kernels, quant_tiles, quantized
 from moeray.experts.group import ExpertGroup
 from moeray.experts.quant_formats import (
     dequant_fp8_blocks,
@@ -92,7 +92,7 @@ def test_decode_rows_refuses_other_tile_dtypes():
     (True, torch.float32, quant_kernels.FUSED_MAX_ROWS_F32),
 ])
 def test_path_by_rows_per_expert(bf16_fast, dtype, limit, monkeypatch):
-    monkeypatch.setattr(quantized, "_cpu_bf16_fast", lambda: bf16_fast)
+    monkeypatch.setattr(quant_tiles, "_cpu_bf16_fast", lambda: bf16_fast)
     g = PackedExpertGroup(K, N, dtype=dtype, fmt="mxfp4")
     assert [g.path(r) for r in (1, limit, limit + 1, 512)] == ["gemv", "gemv", "tile", "tile"]
     assert PackedExpertGroup(K, N, fmt="int8").path(1) == "int8"
@@ -110,7 +110,7 @@ def test_path_without_numba_is_the_tile(monkeypatch):
     (True, torch.float16, torch.float32),
 ])
 def test_tile_dtype_follows_the_cpu(bf16_fast, dtype, tile, monkeypatch):
-    monkeypatch.setattr(quantized, "_cpu_bf16_fast", lambda: bf16_fast)
+    monkeypatch.setattr(quant_tiles, "_cpu_bf16_fast", lambda: bf16_fast)
     assert PackedExpertGroup(K, N, dtype=dtype, fmt="mxfp4").tile_dtype == tile
 
 
@@ -150,7 +150,7 @@ def test_group_on_each_path_matches_dequantized_fp32(fmt, tokens, path, tile_ele
     where the grouped kernel does not run), decoded tiles (more rows)."""
     if path == "grouped" and not quant_kernels.grouped_available(fmt, torch.float32):
         path = "gemv"
-    monkeypatch.setattr(quantized, "TILE_ELEMS", tile_elems)
+    monkeypatch.setattr(quant_tiles, "TILE_ELEMS", tile_elems)
     packed, dense = _experts(fmt)
     pg = PackedExpertGroup(D, I, swiglu_limit=0.5, fmt=fmt, block=(32, 40))
     ref = ExpertGroup(D, I, swiglu_limit=0.5)
@@ -175,8 +175,8 @@ def test_bf16_group_agrees_with_bf16_experts_on_the_dequantized_weights(fmt, tok
     kernel where it runs, or with it off) against ExpertGroup in bf16 holding the dequantized weights; both
     round activations to bf16, so they agree to bf16's precision (2e-2 of the largest output, against the fp32
     experts and against the bf16 ones)."""
-    monkeypatch.setattr(quantized, "TILE_ELEMS", tile_elems)
-    monkeypatch.setattr(quantized, "_cpu_bf16_fast", lambda: bf16_fast)
+    monkeypatch.setattr(quant_tiles, "TILE_ELEMS", tile_elems)
+    monkeypatch.setattr(quant_tiles, "_cpu_bf16_fast", lambda: bf16_fast)
     if not numba_kernels:
         monkeypatch.setattr(quant_kernels, "available", lambda: False)
     packed, dense = _experts(fmt)
