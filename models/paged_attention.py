@@ -162,32 +162,32 @@ class PagedBatch:
         out = None if len(self.groups) == 1 and self.groups[0].out_rows is None else q.new_empty(
             q.shape[0], q.shape[1] * q.shape[2])
         for g in self.groups:
-            if g.q_rows.shape[1] == 1 and self._in_place(layer_id, q):  # bf16 decode: pages read where they lie
+            decode = g.q_rows.shape[1] == 1
+            if decode and self._in_place(layer_id, q):  # bf16 decode: the pages read where they lie
                 o = paged_decode.decode_attention(q, g.q_rows, c.storage[layer_id]["k"], c.storage[layer_id]["v"],
                                                   self.group_tables(g, pid), g.q_pos, c.pools[pid].rows_per_page,
                                                   scale, window)
-                if hasattr(c, "batched_decode_calls"):
-                    c.batched_decode_calls += 1
-                if out is None:
-                    return o
-                out.index_copy_(0, g.out_rows, o)
-                continue
-            trim = g.q_rows.shape == (1, 1) and not window  # one decode query sees exactly its `context` rows
-            k, v = self.gather(layer_id, "k", g, trim), self.gather(layer_id, "v", g, trim)  # [S, L, Hkv, Dh]
-            mask = None if trim else self.mask(g, pid, window)
-            if g.q_rows.shape[1] == 1:
-                o = _decode_sdpa(q, g.q_rows, k, v, mask, scale)
             else:
-                qg = q[g.q_rows]  # [S, n, H, Dh]
-                o = F.scaled_dot_product_attention(qg.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                   attn_mask=mask, scale=scale, enable_gqa=True)  # [S, H, n, Dh]
-                o = o.transpose(1, 2).reshape(-1, q.shape[1] * q.shape[2])  # [S * n, H * Dh]
-            if g.q_rows.shape[1] == 1 and hasattr(c, "batched_decode_calls"):
+                o = self._sdpa(layer_id, q, g, pid, scale, window)
+            if decode and hasattr(c, "batched_decode_calls"):
                 c.batched_decode_calls += 1
             if out is None:
                 return o
             out.index_copy_(0, g.out_rows, o if g.valid is None else o[g.valid])
         return out
+
+    def _sdpa(self, layer_id: int, q: torch.Tensor, g: QueryGroup, pid: int, scale: float, window: int
+              ) -> torch.Tensor:
+        """One group by SDPA over its gathered pages -> [S * n, H * Dh]."""
+        trim = g.q_rows.shape == (1, 1) and not window  # one decode query sees exactly its `context` rows
+        k, v = self.gather(layer_id, "k", g, trim), self.gather(layer_id, "v", g, trim)  # [S, L, Hkv, Dh]
+        mask = None if trim else self.mask(g, pid, window)
+        if g.q_rows.shape[1] == 1:
+            return _decode_sdpa(q, g.q_rows, k, v, mask, scale)
+        qg = q[g.q_rows]  # [S, n, H, Dh]
+        o = F.scaled_dot_product_attention(qg.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, scale=scale, enable_gqa=True)  # [S, H, n, Dh]
+        return o.transpose(1, 2).reshape(-1, q.shape[1] * q.shape[2])  # [S * n, H * Dh]
 
     def _in_place(self, layer_id: int, q: torch.Tensor) -> bool:
         """Whether decode attention of this layer takes models/paged_decode's kernel: bf16 queries and a bf16
