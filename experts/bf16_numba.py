@@ -38,17 +38,21 @@ CHUNK_ROWS = 64  # rows of W per parallel work item (a multiple of the dot block
 BLOCK = 4  # rows of x and of W per dot block
 
 
-@functools.cache
-def available() -> bool:
-    """Whether this process can run the kernel: numba present, compiling for the host CPU (no NUMBA_CPU_NAME /
-    NUMBA_CPU_FEATURES override), and the host CPU has avx512bf16 (as LLVM reads it: the CPU and the OS)."""
-    if numba is None or os.environ.get("MOERAY_BF16_KERNEL", "1") == "0":
-        return False
-    if numba.config.CPU_NAME not in (None, "host") or numba.config.CPU_FEATURES:
+def host_has(*features: str) -> bool:
+    """Whether numba compiles for this CPU (no NUMBA_CPU_NAME / NUMBA_CPU_FEATURES override) and the CPU has every
+    one of `features` as LLVM reads them (the CPU and the OS)."""
+    if numba is None or numba.config.CPU_NAME not in (None, "host") or numba.config.CPU_FEATURES:
         return False
     from llvmlite import binding
 
-    return "+avx512bf16" in binding.get_host_cpu_features().flatten().split(",")
+    host = binding.get_host_cpu_features().flatten().split(",")
+    return all(f"+{f}" in host for f in features)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this process can run the kernel: `host_has("avx512bf16")`, unless MOERAY_BF16_KERNEL=0."""
+    return os.environ.get("MOERAY_BF16_KERNEL", "1") != "0" and host_has("avx512bf16")
 
 
 def shapes_ok(n: int, k: int) -> bool:

@@ -128,26 +128,14 @@ def decode_expert(fmt: str, args: tuple[tuple, tuple, tuple], t13: torch.Tensor,
 
 
 @functools.cache
-def _host_has(*features: str) -> bool:
-    """Whether numba compiles for this CPU (no NUMBA_CPU_NAME / NUMBA_CPU_FEATURES override, which
-    bf16_numba.available checks too) and the CPU has every one of `features` as LLVM reads them."""
-    if numba is None or numba.config.CPU_NAME not in (None, "host") or numba.config.CPU_FEATURES:
-        return False
-    from llvmlite import binding
-
-    host = binding.get_host_cpu_features().flatten().split(",")
-    return all(f"+{f}" in host for f in features)
-
-
 def grouped_available(fmt: str, dtype: torch.dtype) -> bool:
     """Whether `grouped_mm` runs here for `fmt` with rows in `dtype`: bfloat16 rows (MXFP4, FP8) need a CPU with
     avx512bf16 (the dots, experts/bf16_numba.available) and avx512bw (the decoders' vpermw / vpermi2w); float32
     rows, MXFP4 only, avx512bw."""
-    from moeray.experts import bf16_numba
 
     if dtype == torch.bfloat16 and fmt in ("mxfp4", "fp8"):
-        return bf16_numba.available() and _host_has("avx512bw")
-    return dtype == torch.float32 and fmt == "mxfp4" and _host_has("avx512bw")
+        return bf16_numba.available() and bf16_numba.host_has("avx512bw")
+    return dtype == torch.float32 and fmt == "mxfp4" and bf16_numba.host_has("avx512bw")
 
 
 def grouped_mm(fmt: str, x: torch.Tensor, starts: np.ndarray, slots: np.ndarray, args: tuple, out: np.ndarray,
