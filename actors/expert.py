@@ -30,6 +30,7 @@ class ExpertGroupActor:
                  dtype: str = "float32", expert_quant: str = "none", deployment: str = "",
                  namespace: str | None = None) -> None:
         torch.set_num_threads(torch_threads or 1)
+        self._lock = threading.Lock()  # the group: Ray's method thread and the channel's worker both use it
         self.actor_id = actor_id
         self.device_kind = device
         self.device = torch_device(device, allow_cpu_fallback)
@@ -45,20 +46,38 @@ class ExpertGroupActor:
         self._rows = 0
         self._calls = 0
         self._started = time.monotonic()
-        self._lock = threading.Lock()
+        self._channel = None  # engine.channel.ChannelServer, started by channel_address
+        self._channel_lock = threading.Lock()
 
     def forward(self, layer: int, rows: bytes, meta: bytes) -> bytes:
         """rows: [M, D] in the wire dtype, meta: header and pairs (pair rows, expert ids, weights), both as
         engine.wire.encode_call makes them -> the [M, D] weighted expert outputs per row in the wire dtype
         (encode_answer)."""
-        t0, c0 = time.perf_counter(), time.thread_time()
-        x, pair_rows, expert_ids, weights = decode_call(rows, meta)
-        out = encode_answer(self.group.forward(layer, x, pair_rows, expert_ids, weights))
-        self._busy_s += time.perf_counter() - t0
-        self._cpu_s += time.thread_time() - c0
-        self._rows += int(pair_rows.shape[0])
-        self._calls += 1
+        with self._lock:  # the channel's worker thread calls this too (tensor_transport: socket)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            x, pair_rows, expert_ids, weights = decode_call(rows, meta)
+            out = encode_answer(self.group.forward(layer, x, pair_rows, expert_ids, weights))
+            self._busy_s += time.perf_counter() - t0
+            self._cpu_s += time.thread_time() - c0
+            self._rows += int(pair_rows.shape[0])
+            self._calls += 1
         return out
+
+    @ray.method(concurrency_group="health")
+    def channel_address(self) -> dict:
+        """Where this actor's expert-call channel listens (engine/channel.py; started on the first ask): its Unix
+        socket, its TCP address on this node, the connection token and this node's id. Also the socket
+        transport's probe: answered in the health group like `ping`."""
+        with self._channel_lock:
+            if self._channel is None:
+                from moeray.engine.channel import ChannelServer
+
+                threads = torch.get_num_threads()
+                self._channel = ChannelServer(lambda layer, meta, rows: self.forward(layer, rows, meta),
+                                              host=ray.util.get_node_ip_address(),
+                                              init=lambda: torch.set_num_threads(threads))
+        return {**self._channel.address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "actor_id": self.actor_id}
 
     def forward_tensor(self, layer: int, x: torch.Tensor, meta: np.ndarray, tensor_transport: str) -> list:
         """`forward` over Ray Direct Transport (actors/rdt.py): x [M, D] arrives as a tensor pulled by NIXL (on
@@ -75,13 +94,15 @@ class ExpertGroupActor:
 
     def load_slots(self, slots: dict[int, list[int]]) -> dict[int, list[int]]:
         """Load (layer -> expert ids) from the checkpoint; returns what is loaded now."""
-        load_experts_into(self.group, self.cfg, self.ckpt, {int(k): v for k, v in slots.items()})
-        return self.group.loaded()
+        with self._lock:
+            load_experts_into(self.group, self.cfg, self.ckpt, {int(k): v for k, v in slots.items()})
+            return self.group.loaded()
 
     def unload_slots(self, slots: dict[int, list[int]]) -> dict[int, list[int]]:
-        for layer, experts in slots.items():
-            self.group.unload(int(layer), list(experts))
-        return self.group.loaded()
+        with self._lock:
+            for layer, experts in slots.items():
+                self.group.unload(int(layer), list(experts))
+            return self.group.loaded()
 
     def loaded(self) -> dict[int, list[int]]:
         return self.group.loaded()
@@ -93,7 +114,7 @@ class ExpertGroupActor:
     def stats(self) -> dict:
         """Load counters since start: busy seconds, rows (pairs) served, calls; node and device."""
         return {"actor_id": self.actor_id, "busy_s": self._busy_s, "cpu_s": self._cpu_s, "rows": self._rows,
-                "calls": self._calls,
+                "calls": self._calls, "channel_calls": self._channel.calls if self._channel is not None else 0,
                 "uptime_s": time.monotonic() - self._started, "device": str(self.device), "pid": os.getpid(),
                 "dtype": str(self.dtype).removeprefix("torch."), "placement": self.device_kind,
                 "torch_threads": torch.get_num_threads(),

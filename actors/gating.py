@@ -100,8 +100,14 @@ class GatingActor:
                           overlaps=self.config.device != "cpu" or torch.device(self.device).type != "cpu",
                           dead_grace_s=30.0 if self.config.controller else 0.0)
             tensor_transport = tensor_transport_of(self.config, torch.device(self.device).type)
-            transport = (RayTransport(dict(expert_actors), self.table, **kwargs) if tensor_transport == "object_store"
-                         else RdtTransport(dict(expert_actors), self.table, tensor_transport, **kwargs))
+            if tensor_transport == "socket":
+                from moeray.actors.channel import ChannelTransport
+
+                transport = ChannelTransport(dict(expert_actors), self.table, **kwargs)
+            elif tensor_transport == "object_store":
+                transport = RayTransport(dict(expert_actors), self.table, **kwargs)
+            else:
+                transport = RdtTransport(dict(expert_actors), self.table, tensor_transport, **kwargs)
         self.transport = transport
         tok = load_tokenizer(self.config.model)
         self.kv_client = None

@@ -184,6 +184,11 @@ class ExpertHandle(_Handle):
         `[ref]`, an RDT ref the actor put of its output (pulled by `ray.get(ref)`)."""
         return self._call("forward_tensor", layer, x_ref, meta, tensor_transport)
 
+    def channel_address(self) -> Reply[dict[str, Any]]:
+        """Where the actor's expert-call channel listens, with its token (engine/channel.py; the socket transport,
+        actors/channel.py). Answered in the health group: also that transport's probe."""
+        return self._call("channel_address")
+
     def load_slots(self, slots: dict[int, list[int]]) -> Reply[dict[int, list[int]]]:
         return self._call("load_slots", slots)
 

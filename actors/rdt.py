@@ -50,19 +50,23 @@ def nixl_installed() -> bool:
 
 def resolve_tensor_transport(tensor_transport: str, transport: str, gating_device_type: str,
                              expert_device: str) -> str:
-    """ServeConfig.tensor_transport -> "nixl" or "object_store". `gating_device_type`: the torch device type
-    the gating engine computes on (cpu, cuda, npu; see GatingActor); `expert_device`: the experts' placement.
-    auto: nixl only when both compute on GPUs (RDT supports CPUs and NVIDIA GPUs; NPUs have no RDT transport
-    in Ray 2.60) and NIXL is installed. A forced nixl without NIXL is a ConfigError naming the option."""
+    """ServeConfig.tensor_transport -> "nixl", "socket" or "object_store" ("object_store" also stands for "no
+    expert calls between actors" under transport: local). `gating_device_type`: the torch device type the gating
+    engine computes on (cpu, cuda, npu; see GatingActor); `expert_device`: the experts' placement. auto: nixl only
+    when both compute on GPUs (RDT supports CPUs and NVIDIA GPUs; NPUs have no RDT transport in Ray 2.60) and
+    NIXL is installed, else socket (actors/channel.py). A forced nixl without NIXL is a ConfigError naming the
+    option."""
     if transport != "ray" or tensor_transport == "object_store":
         return "object_store"
+    if tensor_transport == "socket":
+        return "socket"
     if tensor_transport == NIXL:
         if not nixl_installed():
             raise ConfigError("tensor_transport: nixl needs NIXL (pip install 'moeray[rdt]') on every node; "
                               "or set tensor_transport: object_store")
         return NIXL
     on_gpus = gating_device_type == "cuda" and expert_device == "gpu"
-    return NIXL if on_gpus and nixl_installed() else "object_store"
+    return NIXL if on_gpus and nixl_installed() else "socket"
 
 
 def tensor_transport_of(cfg: Any, gating_device_type: str | None = None) -> str:

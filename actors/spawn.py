@@ -55,7 +55,7 @@ def start_expert(cfg: ServeConfig, deployment: str, actor_id: int, slots: dict[i
     return make_expert_actor(cfg.model, slots, actor_id, cfg.device, cfg.expert_num_cpus, cfg.allow_cpu_fallback,
                              cfg.threads_for("expert"), cfg.max_restarts, name=expert_actor_name(deployment, actor_id),
                              namespace=cfg.namespace, dtype=cfg.dtype, expert_quant=cfg.expert_quant,
-                             tensor_transport=tensor_transport_of(cfg) != "object_store", deployment=deployment)
+                             tensor_transport=tensor_transport_of(cfg) == "nixl", deployment=deployment)
 
 
 def start_kv_shard(cfg: ServeConfig, deployment: str, shard_id: str) -> Any:
@@ -77,7 +77,7 @@ def start_gating(cfg: ServeConfig, deployment: str, table: RoutingTable, expert_
     from moeray.actors.devices import actor_options
     from moeray.actors.gating import GatingActor
 
-    rdt = tensor_transport_of(cfg) != "object_store"  # it puts the rows it sends as RDT objects
+    rdt = tensor_transport_of(cfg) == "nixl"  # it puts the rows it sends as RDT objects
     cls = ray.remote(concurrency_groups={"health": 1}, enable_tensor_transport=rdt or None)(GatingActor)
 
     opts: dict[str, Any] = dict(**actor_options(cfg.gating_device, cfg.gating_num_cpus), max_restarts=cfg.max_restarts,

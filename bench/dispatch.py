@@ -73,24 +73,29 @@ def build_systems(path: Path, dtype: str, micro_batches: int,
 
 
 def layer_probe(dep, local, token_counts, repeats: int, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Both Ray transports on the deployment's actors, next to the in-process path (and NIXL where enabled)."""
+    from moeray.actors.channel import ChannelTransport
     from moeray.actors.transport import RayTransport
 
-    ray_tr = RayTransport(dict(dep.expert_actors), dep.table, wire_dtype=dtype)
-    rdt_tr = None
-    if dep.config.tensor_transport == "nixl":  # the experts have RDT enabled: time the NIXL path next to it
+    transports = {"socket": ChannelTransport(dict(dep.expert_actors), dep.table, wire_dtype=dtype),
+                  "object_store": RayTransport(dict(dep.expert_actors), dep.table, wire_dtype=dtype)}
+    if dep.config.tensor_transport == "nixl":  # the experts have RDT enabled: time the NIXL path next to them
         from moeray.actors.rdt import RdtTransport
 
-        rdt_tr = RdtTransport(dict(dep.expert_actors), dep.table, wire_dtype=dtype)
+        transports["nixl"] = RdtTransport(dict(dep.expert_actors), dep.table, wire_dtype=dtype)
     g = torch.Generator().manual_seed(0)
-    return [_probe_tokens(dep, ray_tr, local.transport, t, repeats, dtype, g, rdt_tr) for t in token_counts]
+    used = dep.status()["gating"][0]["tensor_transport"]
+    return [_probe_tokens(dep, transports, used, local.transport, t, repeats, dtype, g) for t in token_counts]
 
 
-def _probe_tokens(dep, ray_tr, local_tr, t: int, repeats: int, dtype: torch.dtype, g,
-                  rdt_tr=None) -> dict[str, Any]:
-    """One row of the layer probe: T = t tokens through the first MoE layer."""
+def _probe_tokens(dep, transports, used: str, local_tr, t: int, repeats: int, dtype: torch.dtype,
+                  g) -> dict[str, Any]:
+    """One row of the layer probe: T = t tokens through the first MoE layer. `used`: the deployment's tensor
+    transport, whose overhead the goal is about."""
     import ray
 
-    from moeray.engine.wire import encode_call, pack_rows, scatter_rows
+    from moeray.engine.channel import wait_readable
+    from moeray.engine.wire import call_buffers, encode_call, pack_rows, scatter_rows
     from moeray.router.dispatch import plan_dispatch
 
     cfg, table = dep.model_cfg, dep.table
@@ -103,20 +108,30 @@ def _probe_tokens(dep, ray_tr, local_tr, t: int, repeats: int, dtype: torch.dtyp
     targets = [dep.expert_actors[b.actor_id] for b in batches]
     packed = pack_rows(x, batches, dtype)
     outs = [torch.randn(b.num_rows, cfg.hidden_size).to(dtype) for b in batches]
-    probes = {
-        "ray": lambda: ray_tr.wait(ray_tr.submit(layer, x, ids, w)),
+    chan = transports["socket"].backend
+    clients = [chan._client(b.actor_id) for b in batches]
+    e = torch.zeros(0, dtype=torch.long)
+    empty_rows, empty_meta = call_buffers(torch.zeros(0, cfg.hidden_size, dtype=dtype), e, e, e.float())
+
+    def socket_fanout():  # an empty call (0 rows) on each target's channel, all at once
+        futs = [c.call(layer, empty_meta, empty_rows) for c in clients]
+        while not all(f.done() for f in futs):
+            wait_readable(clients, 1.0)
+        return [f.result() for f in futs]
+
+    probes = {name: (lambda tr=tr: tr.wait(tr.submit(layer, x, ids, w))) for name, tr in transports.items()}
+    probes.update({
         "local": lambda: local_tr.wait(local_tr.submit(layer, x, ids, w)),
         "fanout": lambda: ray.get([a.ping.remote() for a in targets]),
+        "socket_fanout": socket_fanout,
         "plan": lambda: plan_dispatch(ids, w, slots, layer=layer),
         "pack": lambda: pack_rows(x, batches, dtype),
         "encode": lambda: [encode_call(p, b.pair_rows, b.slot_ids, b.weights)
                            for p, b in zip(packed, batches, strict=True)],
         "combine": lambda: scatter_rows(t, cfg.hidden_size, batches, outs, dtype),
-    }
-    if rdt_tr is not None:
-        probes["rdt"] = lambda: rdt_tr.wait(rdt_tr.submit(layer, x, ids, w))
+    })
     busy0 = ray.get([a.stats.remote() for a in dep.expert_actors.values()])
-    sub0 = ray_tr.stats["dispatch_s"]
+    sub0 = {k: tr.stats["dispatch_s"] for k, tr in transports.items()}
     with torch.inference_mode():
         times = interleaved_times(probes, repeats, warmup=3)
     busy1 = ray.get([a.stats.remote() for a in dep.expert_actors.values()])
@@ -124,31 +139,32 @@ def _probe_tokens(dep, ray_tr, local_tr, t: int, repeats: int, dtype: torch.dtyp
     busy = sum(b["busy_s"] - a["busy_s"] for a, b in zip(busy0, busy1, strict=True))
     cpu = sum(b.get("cpu_s", 0.0) - a.get("cpu_s", 0.0) for a, b in zip(busy0, busy1, strict=True))
     med = {k: statistics.median(v) for k, v in times.items()}
-    over = med["ray"] - med["local"]
-    extra = {"rdt_over_ray": med["rdt"] / med["ray"]} if "rdt" in med else {}
-    return {**extra, "tokens": t, "target_actors": len(batches), **{f"{k}_s": v for k, v in med.items()},
-            "submit_s": (ray_tr.stats["dispatch_s"] - sub0) / (repeats + 3),
+    over = {k: med[k] - med["local"] for k in transports}
+    return {"tokens": t, "target_actors": len(batches), "transport": used, **{f"{k}_s": v for k, v in med.items()},
+            **{f"{k}_submit_s": (tr.stats["dispatch_s"] - sub0[k]) / (repeats + 3) for k, tr in transports.items()},
             "actor_compute_s_per_call": busy / max(calls, 1), "actor_cpu_s_per_call": cpu / max(calls, 1),
-            "overhead_s": over,
-            "overhead_over_fanout": over / med["fanout"], "ray_over_local": med["ray"] / med["local"]}
+            **{f"{k}_overhead_over_fanout": o / med["fanout"] for k, o in over.items()},
+            "overhead_s": over[used], "overhead_over_fanout": over[used] / med["fanout"],
+            "ray_over_local": med[used] / med["local"]}
 
 
 def end_to_end(dep, local, batches, output_len: int, rounds: int, vocab: int,
-               dep_mb1=None) -> dict[int, dict[str, Any]]:
-    """`dep_mb1`: a second deployment with micro_batches=1, measured in the same rounds (ping-pong on vs off)."""
+               others: dict[str, Any] | None = None) -> dict[int, dict[str, Any]]:
+    """`others`: more deployments measured in the same rounds, by label (mb1: micro_batches=1; object_store)."""
     from moeray.bench.engine import make_prompts
     from moeray.common import SamplingParams
 
+    others = others or {}
     sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    res: dict[int, dict[str, list]] = {b: {"ray": [], "local": [], "hidden": [], "same": [], "mb1": []}
-                                       for b in batches}
+    res: dict[int, dict[str, list]] = {b: {"ray": [], "local": [], "hidden": [], "same": [],
+                                           **{k: [] for k in others}} for b in batches}
     for _ in range(rounds):
         for b in batches:
             prompts = make_prompts(b, 64, vocab, 0)
-            if dep_mb1 is not None:
+            for k, d in others.items():
                 t0 = time.perf_counter()
-                dep_mb1.generate(prompts, sp)
-                res[b]["mb1"].append(b * output_len / (time.perf_counter() - t0))
+                d.generate(prompts, sp)
+                res[b][k].append(b * output_len / (time.perf_counter() - t0))
             t0 = time.perf_counter()
             lo = [o.token_ids for o in local.generate(prompts, sp)]
             res[b]["local"].append(b * output_len / (time.perf_counter() - t0))
@@ -167,9 +183,9 @@ def end_to_end(dep, local, batches, output_len: int, rounds: int, vocab: int,
         out[b] = {"ray_tok_s": ray_tps, "local_tok_s": loc_tps, "ray_over_local": ray_tps / loc_tps,
                   "hidden_fraction": statistics.median(r["hidden"]), "outputs_identical": all(r["same"]),
                   "ray_over_local_rounds": [a / c for a, c in zip(r["ray"], r["local"], strict=True)]}
-        if r["mb1"]:
-            out[b]["ray_mb1_over_local"] = statistics.median(r["mb1"]) / loc_tps
-            out[b]["ray_over_ray_mb1_rounds"] = [a / c for a, c in zip(r["ray"], r["mb1"], strict=True)]
+        for k in others:
+            out[b][f"ray_{k}_over_local"] = statistics.median(r[k]) / loc_tps
+            out[b][f"ray_over_ray_{k}_rounds"] = [a / c for a, c in zip(r["ray"], r[k], strict=True)]
     return out
 
 
@@ -181,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--compare-mb1", action="store_true", help="also a micro_batches=1 deployment, same rounds")
-    p.add_argument("--tensor-transport", default="object_store", choices=["object_store", "nixl"],
-                   help="the Ray system's ServeConfig.tensor_transport; nixl also times RDT next to the object "
-                        "store in the layer probe (nixl on CPU actors: a diagnostic, not the device path's speed)")
+    p.add_argument("--compare-object-store", action="store_true",
+                   help="also a tensor_transport=object_store deployment, same rounds")
+    p.add_argument("--tensor-transport", default="auto", choices=["auto", "socket", "object_store", "nixl"],
+                   help="the Ray system's ServeConfig.tensor_transport (auto: socket on CPUs); the layer probe times "
+                        "socket and object_store on its actors either way, nixl also RDT (nixl on CPU actors: a "
+                        "diagnostic, not the device path's speed)")
     p.add_argument("--expert-groups", type=int, default=4,
                    help="ServeConfig.num_expert_groups of the Ray system (4: the issue's setup; 2: one per core here)")
     p.add_argument("--out", type=Path, default=Path("bench/results/dispatch.json"))
@@ -207,30 +226,36 @@ def main(argv: list[str] | None = None) -> int:
         print("[1/2] one MoE layer, piece by piece ...", flush=True)
         res["layer"] = layer_probe(dep, local, BATCHES, 15 if args.quick else 60, dt)
         for r in res["layer"]:
-            print(f"T={r['tokens']:3d} actors={r['target_actors']} ray {r['ray_s'] * 1e3:6.2f} ms  local "
-                  f"{r['local_s'] * 1e3:6.2f}  fanout {r['fanout_s'] * 1e3:6.2f}  (ray-local)/fanout "
-                  f"{r['overhead_over_fanout']:.2f}  | plan {r['plan_s'] * 1e3:.3f} pack {r['pack_s'] * 1e3:.3f} "
-                  f"encode {r['encode_s'] * 1e3:.3f} submit {r['submit_s'] * 1e3:.3f} combine "
-                  f"{r['combine_s'] * 1e3:.3f} actor {r['actor_compute_s_per_call'] * 1e3:.3f} "
-                  f"(cpu {r['actor_cpu_s_per_call'] * 1e3:.3f}) ms"
-                  + (f" | rdt {r['rdt_s'] * 1e3:.2f} ms = {r['rdt_over_ray']:.2f}x ray" if "rdt_s" in r else ""),
+            extra = "".join(f" {k} {r[f'{k}_s'] * 1e3:.2f} ms" for k in ("socket", "object_store", "nixl")
+                            if f"{k}_s" in r)
+            print(f"T={r['tokens']:3d} actors={r['target_actors']} {r['transport']} - local = "
+                  f"{r['overhead_s'] * 1e3:6.2f} ms = {r['overhead_over_fanout']:.2f} x Ray fanout "
+                  f"{r['fanout_s'] * 1e3:.2f} ms | local {r['local_s'] * 1e3:.2f}{extra} socket fanout "
+                  f"{r['socket_fanout_s'] * 1e3:.3f} ms | object_store-local / fanout "
+                  f"{r['object_store_overhead_over_fanout']:.2f} | plan {r['plan_s'] * 1e3:.3f} pack "
+                  f"{r['pack_s'] * 1e3:.3f} encode {r['encode_s'] * 1e3:.3f} combine {r['combine_s'] * 1e3:.3f} "
+                  f"actor {r['actor_compute_s_per_call'] * 1e3:.3f} (cpu {r['actor_cpu_s_per_call'] * 1e3:.3f}) ms",
                   flush=True)
         if not args.skip_e2e:
             print("[2/2] end to end ...", flush=True)
             vocab = dep.model_cfg.vocab_size
-            dep_mb1 = (build_systems(path, args.dtype, 1, expert_groups=args.expert_groups)[0] if args.compare_mb1
-                       else None)
+            others = {}
             try:
+                if args.compare_mb1:
+                    others["mb1"] = build_systems(path, args.dtype, 1, args.tensor_transport, args.expert_groups)[0]
+                if args.compare_object_store:
+                    others["object_store"] = build_systems(path, args.dtype, args.micro_batches, "object_store",
+                                                           args.expert_groups)[0]
                 res["e2e"] = end_to_end(dep, local, BATCHES, args.output_len, 1 if args.quick else 3, vocab,
-                                        dep_mb1)
+                                        others)
             finally:
-                if dep_mb1 is not None:
-                    dep_mb1.shutdown()
+                for d in others.values():
+                    d.shutdown()
             for b, r in res["e2e"].items():
-                mb1 = f"  micro_batches=1: ray/local {r['ray_mb1_over_local']:.2f}" if "ray_mb1_over_local" in r else ""
+                alt = "".join(f"  {k}: ray/local {r[f'ray_{k}_over_local']:.2f}" for k in others)
                 print(f"B={b:3d} ray {r['ray_tok_s']:7.1f} tok/s  local {r['local_tok_s']:7.1f}  ray/local "
                       f"{r['ray_over_local']:.2f}  hidden {r['hidden_fraction']:.2f}  identical "
-                      f"{r['outputs_identical']}{mb1}", flush=True)
+                      f"{r['outputs_identical']}{alt}", flush=True)
         res["goals"] = {"overhead_over_fanout": 1.3, "ray_over_local": {1: 0.25, 16: 0.7, 64: 0.7}}
         write_json(args.out, res)
         print(f"wrote {args.out}")

@@ -92,11 +92,13 @@ class ServeConfig(BaseModel):
     # core it may use, on Ray each actor its CPU share rounded up (actors share the cores).
     torch_threads: int | None = Field(None, ge=1)
     transport: Literal["ray", "local"] = "ray"
-    # how expert-call tensors travel with transport ray (actors/rdt.py): object_store (Ray's object store); nixl
-    # (Ray Direct Transport, one-sided NIXL: device to device, no collective group; needs moeray[rdt]); auto:
-    # nixl when the gating engine and the experts both compute on GPUs and NIXL is installed, else object_store.
+    # how expert-call tensors travel with transport ray: socket (each expert actor's own connection, a Unix
+    # socket on its node or TCP; Ray stays the control plane: addresses, probes, restarts; actors/channel.py);
+    # object_store (one Ray task per call, through Ray's object store; actors/transport.py); nixl (Ray Direct
+    # Transport, one-sided NIXL: device to device, no collective group; needs moeray[rdt]; actors/rdt.py);
+    # auto: nixl when the gating engine and the experts both compute on GPUs and NIXL is installed, else socket.
     # Forcing nixl on CPU actors is a test/diagnostic setting (same code path, CPU memory over UCX).
-    tensor_transport: Literal["auto", "object_store", "nixl"] = "auto"
+    tensor_transport: Literal["auto", "socket", "object_store", "nixl"] = "auto"
     # micro-batches per step, run as a ping-pong (one's attention while another's experts run); 0: chosen per
     # step (2 for 8+ sequences when the experts or the gating engine are on accelerators, else 1)
     micro_batches: int = Field(0, ge=0, le=8)
@@ -124,9 +126,9 @@ class ServeConfig(BaseModel):
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= block_size "
                              f"({self.block_size})")
-        if self.tensor_transport == "nixl" and self.transport != "ray":
-            raise ValueError("tensor_transport: nixl needs transport: ray (it moves expert-call tensors between "
-                             "actors); set tensor_transport: auto or object_store")
+        if self.tensor_transport in ("nixl", "socket") and self.transport != "ray":
+            raise ValueError(f"tensor_transport: {self.tensor_transport} needs transport: ray (it moves expert-call "
+                             "tensors between actors); set tensor_transport: auto")
         return self
 
     def threads_for(self, role: Literal["gating", "expert"]) -> int:

@@ -54,6 +54,14 @@ def _raw(t: torch.Tensor) -> np.ndarray:
 def encode_call(x_rows: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor) -> tuple[bytes, bytes]:
     """x_rows [M, D] in the wire dtype, pair_rows / expert_ids / weights [P] -> (rows, meta) bytes."""
+    rows, meta = call_buffers(x_rows, pair_rows, expert_ids, weights)
+    return rows.tobytes(), meta
+
+
+def call_buffers(x_rows: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> tuple[np.ndarray, bytes]:
+    """`encode_call` without the rows' copy: (a numpy view of x_rows' bytes, meta bytes), for a sender that
+    writes buffers as they are (engine/channel.py)."""
     m, d = x_rows.shape
     p = int(pair_rows.numel())
     meta = np.empty(_META_HEAD + 3 * p, dtype=np.int32)
@@ -61,7 +69,7 @@ def encode_call(x_rows: torch.Tensor, pair_rows: torch.Tensor, expert_ids: torch
     meta[_META_HEAD:_META_HEAD + p] = pair_rows.numpy()
     meta[_META_HEAD + p:_META_HEAD + 2 * p] = expert_ids.numpy()
     meta[_META_HEAD + 2 * p:] = weights.to(torch.float32).numpy().view(np.int32)
-    return _raw(x_rows).tobytes(), meta.tobytes()
+    return _raw(x_rows), meta.tobytes()
 
 
 def decode_call(rows: bytes, meta: bytes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

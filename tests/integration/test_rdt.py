@@ -44,10 +44,11 @@ def workload(n=4, seed=5):
     return prompts, [sp] * n
 
 
-def test_auto_keeps_cpu_on_the_object_store_and_forced_nixl_is_used(deps):
-    assert resolve_tensor_transport("auto", "ray", "cpu", "cpu") == "object_store"
-    assert resolve_tensor_transport("auto", "ray", "cpu", "gpu") == "object_store"  # gating on CPU
-    assert resolve_tensor_transport("auto", "ray", "cuda", "npu") == "object_store"  # no RDT transport for NPUs
+def test_auto_keeps_cpu_on_the_socket_and_forced_nixl_is_used(deps):
+    assert resolve_tensor_transport("auto", "ray", "cpu", "cpu") == "socket"
+    assert resolve_tensor_transport("auto", "ray", "cpu", "gpu") == "socket"  # gating on CPU
+    assert resolve_tensor_transport("auto", "ray", "cuda", "npu") == "socket"  # no RDT transport for NPUs
+    assert resolve_tensor_transport("object_store", "ray", "cuda", "gpu") == "object_store"
     assert resolve_tensor_transport("auto", "ray", "cuda", "gpu") == "nixl"
     assert resolve_tensor_transport("nixl", "local", "cpu", "cpu") == "object_store"
     assert deps["nixl"].status()["gating"][0]["tensor_transport"] == "nixl"
