@@ -1,28 +1,34 @@
 """Data-plane benchmark (issue 13): one MoE layer's expert call on Ray, piece by piece, next to an empty fan-out
 to the same actors, and end-to-end Ray / in-process throughput, all in one run.
 
-    python -m moeray.bench.dispatch [--quick] [--dtype float32] [--out bench/results/dispatch.json]
+    python -m moeray.bench.dispatch [--quick] [--dtype auto] [--compare-object-store] [--out ...dispatch.json]
 
 Checkpoint: bench/engine.py's (qwen3_moe, hidden 512, 8 MoE layers, 16 experts top-2, fp32 safetensors).
 Systems: `ray` = deploy() on a private local Ray (num_cpus=2): 4 expert-group actors (--expert-groups), 1 gating
-actor, no controller, 1 torch thread per actor; `local` = the same Engine with LocalTransport in this process, 1 thread.
+actor, no controller, 1 torch thread per actor, `--tensor-transport` (auto: socket on CPUs); `local` = the same
+Engine with LocalTransport in this process (the layer probe at 1 thread; end to end at 1 and --local-threads).
 Layer probe (from this process, interleaved rounds, medians): for T tokens routed by a random top-2 gate,
-  ray      RayTransport submit + wait against the deployment's 4 expert actors
-  local    LocalTransport on the same slots in this process (the in-process step)
-  fanout   an empty call (`ping`) to exactly the actors the plan targets, all at once, waited for together
-  rdt      (--tensor-transport nixl) RdtTransport on the same actors: rows and answers over Ray Direct Transport
-  pieces   plan (plan_dispatch), pack (one gather into the wire dtype), encode (numpy views + routing array),
-           submit (all of dispatch incl. Ray task submission), combine (one scatter of the answers);
-           actor: the expert actors' time inside `forward` per call (wall, and CPU of its thread)
-Goal: (ray - local) / fanout <= 1.3 at T = 1, 16, 64.
-End to end: B requests (64-token prompts, `--output-len` greedy tokens, EOS ignored), tok/s of ray / local,
-and the fraction of expert-call time hidden behind compute (1 - blocked wait / call time, gating actor's
-transport counters; micro_batches as configured, default auto). Goal: >= 0.7 at B = 16, 64; >= 0.25 at B = 1.
+  socket        ChannelTransport submit + wait against the deployment's 4 expert actors (their own sockets)
+  object_store  RayTransport submit + wait against the same actors (one Ray task per call)
+  local         LocalTransport on the same slots in this process (the in-process step)
+  fanout        an empty Ray call (`ping`) to exactly the actors the plan targets, all at once, waited for together
+  socket_fanout an empty call (0 rows) on each target's channel, all at once
+  nixl          (--tensor-transport nixl) RdtTransport on the same actors: rows and answers over Ray Direct Transport
+  pieces        plan (plan_dispatch), pack (one gather into the wire dtype), encode (routing + rows' bytes),
+                combine (one scatter of the answers); actor: the expert actors' time inside `forward` per call
+                (wall, and CPU of its thread)
+Goal: (the deployment's transport - local) / fanout <= 1.3 at T = 1, 16, 64.
+End to end: B requests (64-token prompts, `--output-len` greedy tokens, EOS ignored), tok/s of ray / the faster
+local setting, and the fraction of expert-call time hidden behind compute (1 - blocked wait / call time, gating
+actor's transport counters; micro_batches as configured, default auto). Goal: >= 0.7 at B = 16, 64; >= 0.25 at
+B = 1. --compare-object-store / --compare-mb1 time a second deployment (object store / micro_batches=1) in the
+same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -148,16 +154,18 @@ def _probe_tokens(dep, transports, used: str, local_tr, t: int, repeats: int, dt
             "ray_over_local": med[used] / med["local"]}
 
 
-def end_to_end(dep, local, batches, output_len: int, rounds: int, vocab: int,
-               others: dict[str, Any] | None = None) -> dict[int, dict[str, Any]]:
-    """`others`: more deployments measured in the same rounds, by label (mb1: micro_batches=1; object_store)."""
+def end_to_end(dep, local, batches, output_len: int, rounds: int, vocab: int, others: dict[str, Any] | None = None,
+               local_threads: tuple[int, ...] = (1,)) -> dict[int, dict[str, Any]]:
+    """`others`: more deployments measured in the same rounds, by label (mb1: micro_batches=1; object_store).
+    `local_threads`: torch thread counts the in-process engine runs at, each in every round; the ratios are
+    against the fastest of them (the in-process path at its best setting on this box)."""
     from moeray.bench.engine import make_prompts
     from moeray.common import SamplingParams
 
     others = others or {}
     sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    res: dict[int, dict[str, list]] = {b: {"ray": [], "local": [], "hidden": [], "same": [],
-                                           **{k: [] for k in others}} for b in batches}
+    res: dict[int, dict[str, list]] = {b: {"ray": [], "hidden": [], "same": [], **{k: [] for k in others},
+                                           **{f"local{n}": [] for n in local_threads}} for b in batches}
     for _ in range(rounds):
         for b in batches:
             prompts = make_prompts(b, 64, vocab, 0)
@@ -165,9 +173,15 @@ def end_to_end(dep, local, batches, output_len: int, rounds: int, vocab: int,
                 t0 = time.perf_counter()
                 d.generate(prompts, sp)
                 res[b][k].append(b * output_len / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            lo = [o.token_ids for o in local.generate(prompts, sp)]
-            res[b]["local"].append(b * output_len / (time.perf_counter() - t0))
+            before = torch.get_num_threads()
+            try:
+                for n in local_threads:
+                    torch.set_num_threads(n)
+                    t0 = time.perf_counter()
+                    lo = [o.token_ids for o in local.generate(prompts, sp)]
+                    res[b][f"local{n}"].append(b * output_len / (time.perf_counter() - t0))
+            finally:
+                torch.set_num_threads(before)
             st0 = dep.status()["gating"][0]["transport_stats"]
             t0 = time.perf_counter()
             ro = [o.token_ids for o in dep.generate(prompts, sp)]
@@ -179,10 +193,13 @@ def end_to_end(dep, local, batches, output_len: int, rounds: int, vocab: int,
             res[b]["same"].append(lo == ro)
     out = {}
     for b, r in res.items():
-        ray_tps, loc_tps = statistics.median(r["ray"]), statistics.median(r["local"])
-        out[b] = {"ray_tok_s": ray_tps, "local_tok_s": loc_tps, "ray_over_local": ray_tps / loc_tps,
+        by_threads = {n: statistics.median(r[f"local{n}"]) for n in local_threads}
+        best = max(by_threads, key=by_threads.get)
+        ray_tps, loc_tps = statistics.median(r["ray"]), by_threads[best]
+        out[b] = {"ray_tok_s": ray_tps, "local_tok_s": loc_tps, "local_threads": best,
+                  "local_tok_s_by_threads": by_threads, "ray_over_local": ray_tps / loc_tps,
                   "hidden_fraction": statistics.median(r["hidden"]), "outputs_identical": all(r["same"]),
-                  "ray_over_local_rounds": [a / c for a, c in zip(r["ray"], r["local"], strict=True)]}
+                  "ray_over_local_rounds": [a / c for a, c in zip(r["ray"], r[f"local{best}"], strict=True)]}
         for k in others:
             out[b][f"ray_{k}_over_local"] = statistics.median(r[k]) / loc_tps
             out[b][f"ray_over_ray_{k}_rounds"] = [a / c for a, c in zip(r["ray"], r[k], strict=True)]
@@ -197,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--compare-mb1", action="store_true", help="also a micro_batches=1 deployment, same rounds")
+    p.add_argument("--local-threads", type=int, default=os.cpu_count() or 1,
+                   help="the in-process engine also runs end to end at this many torch threads (besides 1); ratios "
+                        "are against the faster (default: every core)")
     p.add_argument("--compare-object-store", action="store_true",
                    help="also a tensor_transport=object_store deployment, same rounds")
     p.add_argument("--tensor-transport", default="auto", choices=["auto", "socket", "object_store", "nixl"],
@@ -247,13 +267,15 @@ def main(argv: list[str] | None = None) -> int:
                     others["object_store"] = build_systems(path, args.dtype, args.micro_batches, "object_store",
                                                            args.expert_groups)[0]
                 res["e2e"] = end_to_end(dep, local, BATCHES, args.output_len, 1 if args.quick else 3, vocab,
-                                        others)
+                                        others, tuple(sorted({1, args.local_threads})))
             finally:
                 for d in others.values():
                     d.shutdown()
             for b, r in res["e2e"].items():
                 alt = "".join(f"  {k}: ray/local {r[f'ray_{k}_over_local']:.2f}" for k in others)
-                print(f"B={b:3d} ray {r['ray_tok_s']:7.1f} tok/s  local {r['local_tok_s']:7.1f}  ray/local "
+                loc_txt = " / ".join(f"{v:.1f}" for v in r["local_tok_s_by_threads"].values())
+                print(f"B={b:3d} ray {r['ray_tok_s']:7.1f} tok/s  local {loc_txt} at "
+                      f"{'/'.join(map(str, r['local_tok_s_by_threads']))} threads  ray/best local "
                       f"{r['ray_over_local']:.2f}  hidden {r['hidden_fraction']:.2f}  identical "
                       f"{r['outputs_identical']}{alt}", flush=True)
         res["goals"] = {"overhead_over_fanout": 1.3, "ray_over_local": {1: 0.25, 16: 0.7, 64: 0.7}}
