@@ -25,6 +25,7 @@ Legend: none.
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import os
 import queue
@@ -89,8 +90,10 @@ class ChannelServer:
         self.handler = handler
         self._init = init  # run first on the worker thread (per-thread settings: torch's intra-op thread count)
         self.token = secrets.token_bytes(TOKEN_BYTES)
-        self._dir = tempfile.mkdtemp(prefix="moeray-ch-")
+        # a Unix socket path is limited to ~107 bytes: under a long TMPDIR, /tmp
+        self._dir = tempfile.mkdtemp(prefix="moeray-ch-", dir=None if len(tempfile.gettempdir()) < 64 else "/tmp")
         os.chmod(self._dir, 0o700)
+        atexit.register(shutil.rmtree, self._dir, True)  # a killed process leaves it (an empty socket file)
         self.uds_path = os.path.join(self._dir, "experts.sock")
         self._listeners = [self._listen(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), self.uds_path)]
         self.tcp: tuple[str, int] | None = None
