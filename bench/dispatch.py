@@ -209,7 +209,8 @@ def end_to_end(dep, local, batches, output_len: int, rounds: int, vocab: int, ot
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m moeray.bench.dispatch", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
+    p.add_argument("--dtype", default="auto", choices=["float32", "bfloat16", "auto"],
+                   help="serving dtype of both systems (auto: the serving default, bf16 where the CPU is fast at it)")
     p.add_argument("--micro-batches", type=int, default=0, help="ServeConfig.micro_batches of the Ray system")
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--skip-e2e", action="store_true")
