@@ -9,10 +9,13 @@ machine (engine/failover.py; same policy, hedging and fail-fast as the object st
 address arrives with the probe that finds it back. A broken connection fails its pending calls as the actor being
 gone (the state machine suspects the actor, re-plans the rows on replicas and probes it); the actor's own error
 comes back as that call's error. Calls complete in the step thread (select over the connections), as on Ray.
+An actor whose channel cannot be connected to (a firewalled port between nodes, say) is called through Ray's object
+store instead for FALLBACK_S, with a warning naming the fix: slower, never lost.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -21,13 +24,14 @@ import torch
 
 from moeray.actors.handles import ExpertHandle
 from moeray.actors.transport import RayBackend, RayTransport, RefFuture, failed_future
-from moeray.common.errors import ActorGoneError
 from moeray.engine.channel import ChannelClient, ChannelClosed, RemoteCallError, wait_readable
 from moeray.engine.failover import Fault
 from moeray.engine.wire import call_buffers
 from moeray.router.dispatch import ActorBatch
 
 SOCKET = "socket"
+FALLBACK_S = 30.0  # after a failed connect, how long an actor's calls go through the object store
+log = logging.getLogger(__name__)
 _RAY_SLICE_S = 0.002  # while probes (Ray refs) are open too, how often the wait looks at them
 
 
@@ -52,7 +56,9 @@ class ChannelBackend(RayBackend):
         self.node_id = ray.get_runtime_context().get_node_id()
         self.addresses: dict[int, dict[str, Any]] = {}
         self.clients: dict[int, ChannelClient] = {}
+        self.fallback_until: dict[int, float] = {}  # actor -> monotonic time its calls go by Ray until
         self.connects = 0
+        self.fallbacks = 0
 
     def _client(self, actor_id: int) -> ChannelClient:
         c = self.clients.get(actor_id)
@@ -71,11 +77,22 @@ class ChannelBackend(RayBackend):
         return c
 
     def send(self, actor_id: int, layer: int, x_rows: torch.Tensor, batch: ActorBatch):
+        if self.fallback_until.get(actor_id, 0.0) > time.monotonic():
+            return super().send(actor_id, layer, x_rows, batch)
         try:
             client = self._client(actor_id)
         except ChannelClosed as e:
-            self.addresses.pop(actor_id, None)  # stale (a restarted actor listens elsewhere): ask again next time
-            return failed_future(ActorGoneError(f"expert actor {actor_id}'s channel: {e}", f"expert actor {actor_id}"))
+            # cannot connect (a firewalled port, another network namespace, or the actor just died): this call and
+            # the actor's next ones for FALLBACK_S go as Ray tasks through the object store, which either works
+            # (slower) or fails the way a dead actor fails on Ray
+            self.addresses.pop(actor_id, None)  # possibly stale (a restarted actor listens elsewhere)
+            self.fallback_until[actor_id] = time.monotonic() + FALLBACK_S
+            self.fallbacks += 1
+            if self.fallbacks == 1 or self.fallbacks % 100 == 0:
+                log.warning("expert actor %d: its channel cannot be reached (%s); its calls go through Ray's object "
+                            "store for %.0f s (fallback %d). Open the expert nodes' TCP ports to the gating nodes, or "
+                            "set tensor_transport: object_store", actor_id, e, FALLBACK_S, self.fallbacks)
+            return super().send(actor_id, layer, x_rows, batch)
         except Exception as e:  # noqa: BLE001 - a Ray error of channel_address: classified by fault_of
             return failed_future(e)
         rows, meta = call_buffers(x_rows, batch.pair_rows, batch.slot_ids, batch.weights)
@@ -105,6 +122,7 @@ class ChannelBackend(RayBackend):
         if self.addresses.get(actor_id) == addr:
             return
         self.addresses[actor_id] = addr
+        self.fallback_until.pop(actor_id, None)  # a new process: try its channel again
         old = self.clients.pop(actor_id, None)
         if old is not None:
             old.close()
@@ -113,6 +131,7 @@ class ChannelBackend(RayBackend):
         """Replaced handles: their next send asks the new actor for its address."""
         for a in actor_ids:
             self.addresses.pop(a, None)
+            self.fallback_until.pop(a, None)
             old = self.clients.pop(a, None)
             if old is not None:
                 old.close()
@@ -145,7 +164,7 @@ class ChannelTransport(RayTransport):
     def __init__(self, actors: dict[int, Any], table, call_timeout_s: float = 60.0, **kwargs: Any) -> None:
         super().__init__(actors, table, call_timeout_s=call_timeout_s,
                          backend=ChannelBackend(dict(actors), timeout_s=call_timeout_s), **kwargs)
-        self.stats.update(connects=0)
+        self.stats.update(connects=0, fallbacks=0)
 
     def set_actors(self, actors: dict[int, Any]) -> None:
         changed = [a for a, h in actors.items() if self.backend.actors.get(a) is not h]
@@ -156,7 +175,7 @@ class ChannelTransport(RayTransport):
         try:
             return super().wait(call)
         finally:
-            self.stats["connects"] = self.backend.connects
+            self.stats.update(connects=self.backend.connects, fallbacks=self.backend.fallbacks)
 
     def close(self) -> None:
         self.backend.close()

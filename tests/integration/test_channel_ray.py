@@ -75,3 +75,28 @@ def test_restarted_expert_is_reconnected_and_no_request_is_lost(dep):
     assert ray.get(victim.stats.remote())["pid"] != old_pid
     assert st1["connects"] > st0["connects"]  # the gating actor connected to the new process
     assert st1["failed_rows"] == st0["failed_rows"]
+
+
+def test_unreachable_channel_falls_back_to_the_object_store(dep):
+    """An actor whose channel cannot be connected to (here: a poisoned address; in a cluster, a firewalled port) is
+    called through Ray's object store: same answers, counted, and back on its channel once a probe says it moved."""
+    cfg, table = dep.model_cfg, dep.table
+    layer = list(cfg.moe_layers)[0]
+    g = torch.Generator().manual_seed(4)
+    sock = ChannelTransport(dict(dep.expert_actors), table)
+    store = RayTransport(dict(dep.expert_actors), table)
+    bogus = {"uds": "/nonexistent/moeray.sock", "tcp": ["127.0.0.1", 1], "token": "00" * 32, "node_id": "elsewhere"}
+    for a in dep.expert_actors:
+        sock.backend.addresses[a] = bogus
+    x = torch.randn(16, cfg.hidden_size, generator=g)
+    ids = torch.rand(16, cfg.num_experts, generator=g).topk(cfg.num_experts_per_tok).indices
+    w = torch.softmax(torch.rand(ids.shape, generator=g), dim=-1)
+    got = sock.wait(sock.submit(layer, x, ids, w))
+    assert torch.equal(got, store.wait(store.submit(layer, x, ids, w)))
+    assert sock.stats["fallbacks"] == len(dep.expert_actors) and sock.stats["failed_rows"] == 0
+    assert sock.backend.clients == {}  # nothing connected
+    for a in dep.expert_actors:  # a probe's answer (the actor's real address) ends the fallback
+        sock.backend._learn(a, ray.get(dep.expert_actors[a].channel_address.remote()))
+    assert torch.equal(sock.wait(sock.submit(layer, x, ids, w)), got)
+    assert sock.stats["connects"] == len(dep.expert_actors)
+    sock.close()
