@@ -1,4 +1,5 @@
-"""The expert call's wire format (what crosses the object store per target actor per MoE layer).
+"""The expert call's wire format (what crosses per target actor per MoE layer: over the expert actor's socket,
+engine/channel.py, or through Ray's object store).
 
 A call carries two `bytes` (msgpack-native: Ray serializes them without pickling; measured on this box, per call
 ~0.35 ms less CPU in the actor and ~0.1 ms less in the caller than the same data as numpy arrays):
@@ -6,7 +7,8 @@ A call carries two `bytes` (msgpack-native: Ray serializes them without pickling
   meta  int32: a header (dtype code, M, D, P), then pair_rows [P], expert ids [P], gate weights [P] (float32 bits)
 The answer is one `bytes`: a header (dtype code, M, D) and [M, D] raw in the wire dtype. The sender makes one
 copy (`tobytes`), Ray's unpacking one more (msgpack -> bytes: microseconds at these sizes); after that both
-sides read in place (`torch.frombuffer`; read-only: the expert math never writes its inputs). RDT
+sides read in place (`torch.frombuffer`; read-only: the expert math never writes its inputs). The socket channel
+writes the same two buffers without the `tobytes` copy (`call_buffers`) and reads them into fresh buffers. RDT
 (actors/rdt.py) sends tensors instead and keeps the [3, P] numpy meta of `pack_pairs`.
 
 `pack_rows` gathers every target actor's rows with one index_select (on the engine's device) and, for the

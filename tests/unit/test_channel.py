@@ -130,3 +130,14 @@ def test_call_buffers_match_encode_call():
     rows, meta = call_buffers(x, p, e, w)
     assert isinstance(rows, np.ndarray)
     assert (rows.tobytes(), meta) == encode_call(x, p, e, w)
+
+
+@pytest.mark.parametrize("tt", ["socket", "nixl"])
+def test_a_tensor_transport_without_ray_is_refused_naming_the_field(tt):
+    from pydantic import ValidationError
+
+    from moeray.common.config import ServeConfig
+
+    with pytest.raises(ValidationError, match=f"tensor_transport: {tt} needs transport: ray"):
+        ServeConfig(model="m", transport="local", tensor_transport=tt)
+    assert ServeConfig(model="m", tensor_transport="socket").tensor_transport == "socket"
