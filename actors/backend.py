@@ -61,6 +61,7 @@ class DeploymentBackend:
         for g in st.get("gating", []):
             actors.append({"name": f"gating-{g['index']}", "kind": "gating", "node": g.get("node_id", "")[:12],
                            "device": g.get("device", "cpu"), "dtype": g.get("dtype", ""),
+                           "transport": g.get("tensor_transport", "") if g.get("transport") == "ray" else "local",
                            "health": "healthy" if not g.get("last_error") else "degraded",
                            "load": float(g.get("active", 0)), "running": g.get("running", 0),
                            "free_blocks": g.get("free_blocks", 0)})

@@ -93,10 +93,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status = client.status()
-    rows = [(a.name, a.kind, a.node, a.device, a.details.get("dtype", ""), a.health, f"{a.load:g}")
-            for a in status.actors]
+    rows = [(a.name, a.kind, a.node, a.device, a.details.get("dtype", ""), a.details.get("transport", ""), a.health,
+             f"{a.load:g}") for a in status.actors]
     print(f"routing table version {status.table_version}")
-    print(format_table(["ACTOR", "KIND", "NODE", "DEVICE", "DTYPE", "HEALTH", "LOAD"], rows))
+    print(format_table(["ACTOR", "KIND", "NODE", "DEVICE", "DTYPE", "TRANSPORT", "HEALTH", "LOAD"], rows))
     for key, value in sorted(status.details.items()):
         print(f"{key}: {value}")
     return EXIT_OK

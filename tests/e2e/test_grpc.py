@@ -444,6 +444,8 @@ def test_admin_status_answers(client):
     status = client.status()
     assert status.table_version >= 0
     assert status.actors, "the backend reports no actors"
+    gating = [a for a in status.actors if a.kind == "gating"]
+    assert gating and all(a.details["transport"] == "socket" for a in gating)  # tensor_transport auto on CPU
 
 
 def test_admin_metrics_answer(client):
