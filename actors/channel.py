@@ -58,8 +58,7 @@ class ChannelBackend(RayBackend):
         self.addresses: dict[int, dict[str, Any]] = {}
         self.clients: dict[int, ChannelClient] = {}
         self.fallback_until: dict[int, float] = {}  # actor -> monotonic time its calls go by Ray until
-        self.connects = 0
-        self.fallbacks = 0
+        self.counts = {"connects": 0, "fallbacks": 0}  # ChannelTransport makes this its stats dict
 
     def _client(self, actor_id: int) -> ChannelClient:
         c = self.clients.get(actor_id)
@@ -74,7 +73,7 @@ class ChannelBackend(RayBackend):
             self.addresses[actor_id] = addr
         c = ChannelClient(addr, local=addr.get("node_id") == self.node_id, timeout_s=self.timeout_s)
         self.clients[actor_id] = c
-        self.connects += 1
+        self.counts["connects"] += 1
         return c
 
     def send(self, actor_id: int, layer: int, x_rows: torch.Tensor, batch: ActorBatch):
@@ -88,11 +87,12 @@ class ChannelBackend(RayBackend):
             # (slower) or fails the way a dead actor fails on Ray
             self.addresses.pop(actor_id, None)  # possibly stale (a restarted actor listens elsewhere)
             self.fallback_until[actor_id] = time.monotonic() + FALLBACK_S
-            self.fallbacks += 1
-            if self.fallbacks == 1 or self.fallbacks % 100 == 0:
+            self.counts["fallbacks"] += 1
+            fallbacks = self.counts["fallbacks"]
+            if fallbacks == 1 or fallbacks % 100 == 0:
                 log.warning("expert actor %d: its channel cannot be reached (%s); its calls go through Ray's object "
                             "store for %.0f s (fallback %d). Open the expert nodes' TCP ports to the gating nodes, or "
-                            "set tensor_transport: object_store", actor_id, e, FALLBACK_S, self.fallbacks)
+                            "set tensor_transport: object_store", actor_id, e, FALLBACK_S, fallbacks)
             return super().send(actor_id, layer, x_rows, batch)
         except Exception as e:  # noqa: BLE001 - a Ray error of channel_address: classified by fault_of
             return failed_future(e)
@@ -165,18 +165,13 @@ class ChannelTransport(RayTransport):
     def __init__(self, actors: dict[int, Any], table, call_timeout_s: float = 60.0, **kwargs: Any) -> None:
         super().__init__(actors, table, call_timeout_s=call_timeout_s,
                          backend=ChannelBackend(dict(actors), timeout_s=call_timeout_s), **kwargs)
-        self.stats.update(connects=0, fallbacks=0)
+        self.stats.update(self.backend.counts)
+        self.backend.counts = self.stats  # the backend counts into the stats status() reports
 
     def set_actors(self, actors: dict[int, Any]) -> None:
         changed = [a for a, h in actors.items() if self.backend.actors.get(a) is not h]
         super().set_actors(actors)
         self.backend.forget(changed)
-
-    def wait(self, call):
-        try:
-            return super().wait(call)
-        finally:
-            self.stats.update(connects=self.backend.connects, fallbacks=self.backend.fallbacks)
 
     def close(self) -> None:
         self.backend.close()

@@ -14,7 +14,7 @@ connection starts with the server's 32-byte token (given out only over Ray's aut
 in constant time); a wrong token closes the connection.
 
 Frames (little endian):
-  call    <Q request id> <i layer> <I meta bytes> <Q rows bytes>  meta  rows     (engine/wire.encode_call's buffers)
+  call    <Q request id> <i layer> <I meta bytes> <Q rows bytes>  meta  rows     (engine/wire.call_buffers)
   answer  <Q request id> <q status> <Q payload bytes>  payload                  (status 0: encode_answer's bytes;
                                                                                 1: the handler's error, utf-8)
 Calls on one connection are answered in order by one worker thread per server (the calls of all connections are
