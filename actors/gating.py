@@ -27,6 +27,7 @@ from moeray.actors.gating_buffers import DeltaBuffers
 from moeray.actors.supervisor import LOST
 from moeray.common.config import ServeConfig
 from moeray.common.errors import DuplicateRequestError, RequestError
+from moeray.common.procstat import cpu_wait_s
 from moeray.common.sampling import SamplingParams, StepDelta
 from moeray.engine.engine import Engine, EngineConfig
 from moeray.engine.transport import LocalTransport, local_expert_groups
@@ -137,7 +138,9 @@ class GatingActor:
         self._cond: asyncio.Condition | None = None
         self._num_active = 0
         self._last_error: str | None = None
-        self._step_s = 0.0
+        self._step_s = 0.0  # the last step's wall seconds
+        # every step's wall seconds and the step thread's run-queue wait inside them (common/procstat.py)
+        self._steps_time = {"busy_s": 0.0, "cpu_wait_s": 0.0}
         self._t_submit: dict[str, float] = {}
         self._t_last: dict[str, float] = {}
         self._kv_written = 0  # acknowledged KV-store writes already counted in the metric
@@ -198,7 +201,7 @@ class GatingActor:
                   table_version=self.transport.table.version, node_id=ray.get_runtime_context().get_node_id(),
                   transport=self.config.transport, num_blocks=self.config.kv_cache_blocks,
                   tensor_transport=getattr(self.transport, "tensor_transport", "object_store"),
-                  transport_stats=dict(getattr(self.transport, "stats", {})),
+                  transport_stats=dict(getattr(self.transport, "stats", {})), **self._steps_time,
                   device=str(self.engine.device), placement=self.config.gating_device,
                   dtype=str(self.dtype).removeprefix("torch."),
                   accelerator_ids={k: list(v) for k, v in ray.get_runtime_context().get_accelerator_ids().items()
@@ -315,7 +318,7 @@ class GatingActor:
     def _step(self) -> list[StepDelta]:
         deltas = self._apply_inbox()
         if self.engine.has_unfinished():
-            t0 = time.perf_counter()
+            t0, w0 = time.perf_counter(), cpu_wait_s()
             try:
                 deltas += self.engine.step()
             except Exception as e:  # a failed step fails its requests, never the actor
@@ -325,6 +328,9 @@ class GatingActor:
                     self.engine.abort(rid)
                     deltas.append(StepDelta(rid, [], None, f"error: {self._last_error}"))
             self._step_s = time.perf_counter() - t0
+            self._steps_time["busy_s"] += self._step_s
+            if w0 is not None:
+                self._steps_time["cpu_wait_s"] += cpu_wait_s() - w0
         return deltas
 
     async def _run(self) -> None:

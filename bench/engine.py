@@ -100,6 +100,8 @@ def start_systems(args: argparse.Namespace, path: Path, bf16_fast: bool) -> tupl
 def measure_once(system: Any, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
     """One batch through one system: wall seconds, CPU seconds, engine steps, tokens (exactly output_len each)."""
     before_steps = system.steps()
+    counters = getattr(system, "step_counters", None)  # moeray_ray: where its gating actor's step time goes
+    before = counters() if counters else None
     cpu0, t0 = system.cpu_s(), time.perf_counter()
     tokens = system.generate(prompts, output_len)
     wall, cpu = time.perf_counter() - t0, system.cpu_s() - cpu0
@@ -110,6 +112,8 @@ def measure_once(system: Any, prompts: list[list[int]], output_len: int) -> dict
     out = {"wall_s": wall, "cpu_s": cpu, "tokens": tokens}
     if before_steps is not None:
         out["steps"] = system.steps() - before_steps
+    if before is not None:
+        out["step_counters"] = {k: v - before[k] for k, v in counters().items()}
     return out
 
 
@@ -146,10 +150,25 @@ def summarise_runs(runs: dict[str, dict[int, list]], output_len: int) -> dict[st
             if "steps" in ms[0]:
                 row["steps"] = ms[-1]["steps"]
                 row["step_s"] = statistics.median(m["wall_s"] / m["steps"] for m in ms)
+            if "step_counters" in ms[0]:
+                row["step_parts_ms"] = step_parts_ms(ms)
             if ref is not None:
                 row["agreement_with_transformers_fp32"] = agreement(ms[-1]["tokens"], ref[b][-1]["tokens"])
             out[name][b] = row
     return out
+
+
+def step_parts_ms(ms: list[dict[str, Any]]) -> dict[str, float]:
+    """A gating actor's mean step split (medians over rounds, ms per step): its own compute (attention, gate,
+    sampling, bookkeeping: busy - dispatch - expert wait), dispatch, expert wait; and how much of the step its
+    thread spent waiting for a free core (run-queue wait, inside the other parts; Linux only)."""
+    def per_step(f) -> float:
+        return 1e3 * statistics.median(f(m["step_counters"]) / max(1, m["steps"]) for m in ms)
+
+    parts = {"step": per_step(lambda c: c["busy_s"]), "dispatch": per_step(lambda c: c["dispatch_s"]),
+             "expert_wait": per_step(lambda c: c["wait_s"]), "cpu_wait": per_step(lambda c: c["cpu_wait_s"])}
+    parts["gating_compute"] = per_step(lambda c: c["busy_s"] - c["dispatch_s"] - c["wait_s"])
+    return parts
 
 
 def agreement(tokens: list[list[int]], ref: list[list[int]]) -> dict[str, float]:
@@ -266,6 +285,11 @@ def format_table(result: dict[str, Any]) -> str:
                        ("ray_over_local_throughput", "(moeray_ray over local)")):
         if key in rat:
             lines.append(f"  {label:<{LABEL - 2}}" + "".join(f"{_fmt(rat[key].get(b)):>10}" for b in batches))
+    for b, p in ((b, res.get("moeray_ray", {}).get(b, {}).get("step_parts_ms")) for b in batches):
+        if p:
+            lines.append(f"  moeray_ray B={b} step {p['step']:.1f} ms = gating compute {p['gating_compute']:.1f} + "
+                         f"dispatch {p['dispatch']:.1f} + expert wait {p['expert_wait']:.1f}; its thread waited "
+                         f"{p['cpu_wait']:.1f} ms of it for a free core")
     lines.append("  best peer: " + ", ".join(f"B={b} {rat['best_peer'].get(b) or '-'}" for b in batches)
                  + f"; goal local_over_best_peer >= {GOALS['local_over_best_peer']} at every batch: "
                  + ("met" if rat["headline"]["goal_met"] else "not met"))

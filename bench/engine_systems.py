@@ -152,6 +152,14 @@ class RaySystem:
     def steps(self) -> int:
         return self.gating_status()["steps"]
 
+    def step_counters(self) -> dict[str, float]:
+        """The gating actor's cumulative step seconds: busy (wall of its steps), dispatch (planning and sending
+        expert calls), expert wait (until their answers are in), cpu_wait (its step thread runnable, no core free)."""
+        st = self.gating_status()
+        ts = st.get("transport_stats", {})
+        return {"busy_s": st["busy_s"], "dispatch_s": ts.get("dispatch_s", 0.0), "wait_s": ts.get("wait_s", 0.0),
+                "cpu_wait_s": st["cpu_wait_s"]}
+
     def cpu_s(self) -> float:
         """This process and its descendants (the Ray cluster it started), minus the vLLM workers."""
         return process_tree_cpu_s(os.getpid(), exclude=self.exclude)

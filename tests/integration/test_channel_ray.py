@@ -34,12 +34,19 @@ def dep(ray_session):
 
 
 def test_auto_on_cpu_is_the_socket_and_calls_skip_ray_tasks(dep):
-    assert dep.status()["gating"][0]["tensor_transport"] == "socket"
+    g0 = dep.status()["gating"][0]
+    assert g0["tensor_transport"] == "socket"
     before = ray.get([a.stats.remote() for a in dep.expert_actors.values()])
     prompts, params = workload()
     outs = dep.generate(prompts, params)
     assert_teacher_forced(load_hf(FAMILY), prompts, params, outs)
     after = ray.get([a.stats.remote() for a in dep.expert_actors.values()])
+    g1 = dep.status()["gating"][0]
+    # the step time's parts: dispatch and expert wait lie inside the steps' wall; so does the run-queue wait
+    busy = g1["busy_s"] - g0["busy_s"]
+    parts = sum(g1["transport_stats"][k] - g0["transport_stats"][k] for k in ("dispatch_s", "wait_s"))
+    assert 0 < parts <= busy, (parts, busy)
+    assert 0 <= g1["cpu_wait_s"] - g0["cpu_wait_s"] <= busy
     for a, b in zip(before, after, strict=True):
         calls, chan = b["calls"] - a["calls"], b["channel_calls"] - a["channel_calls"]
         assert calls > 0 and chan == calls, (calls, chan)  # every expert call came over the channel

@@ -77,3 +77,12 @@ def test_engine_prompts_are_fixed_by_seed():
     a = engine_bench.make_prompts(4, 64, 4096, seed=0)
     assert a == engine_bench.make_prompts(4, 64, 4096, seed=0)
     assert len(a) == 4 and {len(p) for p in a} == {64} and all(0 <= t < 4096 for p in a for t in p)
+
+
+def test_engine_step_parts_split_the_gating_step_per_step_median():
+    rounds = [{"steps": 10, "step_counters": {"busy_s": 0.5, "dispatch_s": 0.05, "wait_s": 0.2, "cpu_wait_s": 0.04}},
+              {"steps": 20, "step_counters": {"busy_s": 1.2, "dispatch_s": 0.1, "wait_s": 0.5, "cpu_wait_s": 0.1}}]
+    p = engine_bench.step_parts_ms(rounds)
+    assert p["step"] == pytest.approx(55.0)  # median of 50 and 60 ms per step
+    assert p["dispatch"] == pytest.approx(5.0) and p["expert_wait"] == pytest.approx(22.5)
+    assert p["gating_compute"] == pytest.approx(27.5) and p["cpu_wait"] == pytest.approx(4.5)
