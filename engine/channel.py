@@ -19,7 +19,10 @@ Frames (little endian):
                                                                                 1: the handler's error, utf-8)
 Calls on one connection are answered in order by one worker thread per server (the calls of all connections are
 served one at a time, as Ray's default concurrency does for `forward`); a reader thread per connection always drains
-incoming calls into the worker's queue, so a sender never blocks on a server that is busy answering.
+incoming calls into the worker's queue, so a sender never blocks on a server that is busy answering. (Computing
+in the reader thread instead can deadlock: with two large calls in flight on one connection, the server blocks
+sending an answer the client is not reading while the client blocks sending its next call. Tried once: it hung
+with two micro-batches at B = 64, whose prefill calls carry up to ~256 KB of rows.)
 Legend: none.
 """
 
