@@ -122,11 +122,8 @@ class ChannelBackend(RayBackend):
         """A probe's answer: a new address (a restarted actor) replaces the old connection."""
         if self.addresses.get(actor_id) == addr:
             return
+        self.forget([actor_id])  # a new process: drop the old connection, try its channel again
         self.addresses[actor_id] = addr
-        self.fallback_until.pop(actor_id, None)  # a new process: try its channel again
-        old = self.clients.pop(actor_id, None)
-        if old is not None:
-            old.close()
 
     def forget(self, actor_ids) -> None:
         """Replaced handles: their next send asks the new actor for its address."""
