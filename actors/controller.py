@@ -6,8 +6,9 @@ so no change can erase a concurrent one; reads (status, routing) take no lock. T
 internal KV after every change, so a restarted controller recovers it (and the expert actors, by name).
 
 One reconcile pass: ping expert actors (their own concurrency group) and gating actors -> route around the
-unhealthy, re-admit the healthy (reloading the slots the table gives them), replace actors Ray cannot restart
--> start-up of new actors -> KV-shard repair -> autoscaling -> push the active table to every gating actor.
+unhealthy, re-admit the healthy (reloading the slots the table gives them), replace actors Ray cannot restart,
+kill the hung (alive for Ray, every ping failing for hung_restart_s) so Ray restarts them -> start-up of new
+actors -> KV-shard repair -> autoscaling -> push the active table to every gating actor.
 Policies are the pure functions of router/policy.py and router/placement.py, fed with `time.monotonic()`.
 """
 
@@ -22,13 +23,13 @@ import ray
 import torch
 
 from moeray.actors.controller_kv import KVShardKeeper
-from moeray.actors.handles import RAY_CALL_ERRORS, ExpertHandle, GatingHandle, Reply, actor_exists, kill
+from moeray.actors.handles import RAY_CALL_ERRORS, ExpertHandle, GatingHandle, Reply, actor_exists, kill, restart
 from moeray.actors.metrics import ControllerMetrics
 from moeray.actors.spawn import CONTROLLER_NAME, expert_actor_name, start_expert, table_key
 from moeray.common.config import ServeConfig
 from moeray.router.fleet import FleetState
 from moeray.router.placement import default_redundant, imbalance, rebalance
-from moeray.router.policy import AutoscaleState, decide_replicas
+from moeray.router.policy import AutoscaleState, HungWatch, decide_replicas
 from moeray.router.table import NoReplicaError, RoutingTable
 
 __all__ = ["CONTROLLER_NAME", "Controller", "expert_actor_name", "table_key"]
@@ -54,6 +55,7 @@ class Controller:
         self.starting: dict[int, Reply] = {}  # new actors: id -> their first ping
         self._stats: dict[int, dict[str, Any]] = {}  # actor -> its last stats (a new pid: Ray restarted it)
         self._gating_ok = [True] * len(self.gating)
+        self.hung = HungWatch(c.hung_restart_s)  # alive for Ray, every ping failing: killed so Ray restarts it
         self._load_history = torch.zeros(0)
         self._writer = asyncio.Lock()
         self._task: asyncio.Task | None = None
@@ -220,16 +222,24 @@ class Controller:
                 self.metrics.failovers_total += 1
                 changed = True
             if gone:
+                self.hung.forget(("expert", a))
                 self._replace(a)
                 changed = True
-        await self._check_gating(oks[len(ids):])
+            elif self.hung.record(("expert", a), ok, now):
+                self.fleet.event("hung_restart", actor=a, failing_s=self.config.hung_restart_s)
+                restart(self.actors[a].actor)
+        await self._check_gating(oks[len(ids):], now)
         if changed:
             f.refresh_active()
         return changed
 
-    async def _check_gating(self, oks: list[bool]) -> None:
-        """A gating actor back after failed pings was restarted (or stalled): give it the current table."""
+    async def _check_gating(self, oks: list[bool], now: float) -> None:
+        """A gating actor back after failed pings was restarted (or stalled): give it the current table. One that
+        failed every ping for hung_restart_s is killed: Ray restarts it, its requests are resubmitted (LOST)."""
         for i, ok in enumerate(oks):
+            if self.hung.record(("gating", i), ok, now):
+                self.fleet.event("hung_restart", gating=i, failing_s=self.config.hung_restart_s)
+                restart(self.gating[i].actor)
             if ok and not self._gating_ok[i]:
                 try:
                     await self.gating[i].set_table(self.fleet.active.to_dict(), self._routed()).wait(

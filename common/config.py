@@ -119,6 +119,9 @@ class ServeConfig(BaseModel):
     health_period_s: float = Field(1.0, gt=0)
     health_timeout_s: float = Field(2.0, gt=0)
     health_failure_threshold: int = Field(2, ge=1)
+    # an expert or gating actor that Ray still holds alive but that has failed every ping for this long is hung (a
+    # stopped or deadlocked process): the controller kills it so Ray restarts it (no replica needed; its calls wait)
+    hung_restart_s: float = Field(10.0, gt=0)
     namespace: str = "moeray"
 
     @model_validator(mode="after")
@@ -126,6 +129,9 @@ class ServeConfig(BaseModel):
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= block_size "
                              f"({self.block_size})")
+        if self.hung_restart_s < self.health_timeout_s:
+            raise ValueError(f"hung_restart_s ({self.hung_restart_s}) must be >= health_timeout_s "
+                             f"({self.health_timeout_s}): one unanswered ping takes that long")
         if self.tensor_transport in ("nixl", "socket") and self.transport != "ray":
             raise ValueError(f"tensor_transport: {self.tensor_transport} needs transport: ray (it moves expert-call "
                              "tensors between actors); set tensor_transport: auto")

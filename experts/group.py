@@ -17,6 +17,8 @@ Legend: M = rows sent, P = (row, expert) pairs, D = hidden, I = expert intermedi
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,9 +33,16 @@ TINY_PAIRS = 4  # up to this many (row, expert) pairs (B = 1 decode): a plain lo
 GROUPED_MAX_ROWS = 32  # bf16 on an AVX512-BF16 CPU: the grouped kernel while no expert has more rows than this
 
 
+@functools.cache
 def mkldnn_packing_available() -> bool:
-    """Whether this torch can pre-pack bf16 weights for oneDNN (CPU builds with mkldnn)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether this torch can pre-pack bf16 weights for oneDNN on this CPU: a CPU build with mkldnn, and a CPU
+    whose bf16 path oneDNN supports (AVX512 BW/VL/DQ or AVX-NE-CONVERT). On an AVX2-only CPU the reorder raises
+    ("bf16 path needs the cpu support ..."): bf16 weights stay plain there."""
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")):
+        return False
+    supported = getattr(ops, "_is_mkldnn_bf16_supported", None)
+    return bool(supported()) if supported is not None else True
 
 
 def use_batched(counts: list[int]) -> bool:

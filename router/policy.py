@@ -1,4 +1,5 @@
-"""Controller policies, pure apart from their explicit state: actor health and expert-group autoscaling.
+"""Controller policies, pure apart from their explicit state: actor health (routing around, restarting the hung)
+and expert-group autoscaling.
 
 Time is always passed in (`now`, seconds on any monotonic clock); nothing here reads a clock, sleeps or
 does I/O, so tests drive the policies with a fake clock.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from moeray.common.config import AutoscaleConfig  # the policy's input; config models live in common/
 
@@ -97,6 +99,40 @@ class HealthTracker:
     def _mark_unhealthy(state: _ActorHealth, now: float) -> bool:
         state.healthy, state.unhealthy_since = False, now
         return True
+
+
+class HungWatch:
+    """Which actors to restart as hung: alive for Ray (the caller checks that) but failing every ping for `after_s`
+    (a stopped or deadlocked process, a stuck driver call). Ray restarts only processes that die, so such an
+    actor would hold its calls until their deadline, forever with no replica. `record` returns True once per hang:
+    after that kill the actor is restarting, and it is not killed again until a ping succeeded (a slow restart
+    -- loading its weights -- is not a hang; a restart that never ends is Ray's to report as gone)."""
+
+    def __init__(self, after_s: float) -> None:
+        if after_s <= 0:
+            raise ValueError(f"hung_restart_s must be > 0, got {after_s}")
+        self.after_s = after_s
+        self._failing_since: dict[Any, float] = {}
+        self._restarting: set[Any] = set()
+
+    def record(self, key: Any, ok: bool, now: float) -> bool:
+        """One ping outcome of `key` at `now`; True: kill it now so Ray restarts it."""
+        if ok:
+            self._failing_since.pop(key, None)
+            self._restarting.discard(key)
+            return False
+        if key in self._restarting:
+            return False
+        since = self._failing_since.setdefault(key, now)
+        if now - since < self.after_s:
+            return False
+        self._restarting.add(key)
+        return True
+
+    def forget(self, key: Any) -> None:
+        """An actor gone for good (being replaced): start afresh."""
+        self._failing_since.pop(key, None)
+        self._restarting.discard(key)
 
 
 # ---- autoscaling ----------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from moeray.router.policy import AutoscaleConfig, AutoscaleState, GroupStats, HealthTracker, decide_replicas
+from moeray.common.config import ServeConfig
+from moeray.router.policy import AutoscaleConfig, AutoscaleState, GroupStats, HealthTracker, HungWatch, decide_replicas
 
 CONFIG = AutoscaleConfig(min_replicas=1, max_replicas=4, target_utilization=0.5, upscale_delay_s=10,
                          downscale_delay_s=30, cooldown_s=20)
@@ -90,3 +91,31 @@ def test_died_is_unhealthy_at_once_and_recovers_after_successes():
 
 def test_unknown_actors_are_healthy():
     assert HealthTracker().is_healthy(99)
+
+
+def test_an_actor_failing_every_ping_for_after_s_is_restarted_once_per_hang():
+    w = HungWatch(after_s=10.0)
+    assert [w.record("a", False, t) for t in (0.0, 5.0, 9.9)] == [False, False, False]
+    assert w.record("a", False, 10.0)  # failing since 0.0 for 10 s: kill it so Ray restarts it
+    assert not any(w.record("a", False, t) for t in (12.0, 30.0, 300.0))  # restarting (loading): never again
+    assert not w.record("a", True, 301.0)  # back
+    assert not w.record("a", False, 302.0)
+    assert w.record("a", False, 312.0)  # a new hang, a new window
+
+
+def test_a_success_resets_the_window_and_actors_are_independent():
+    w = HungWatch(after_s=10.0)
+    w.record("a", False, 0.0)
+    w.record("b", False, 0.0)
+    w.record("a", True, 8.0)
+    assert not w.record("a", False, 12.0)  # failing only since 12.0
+    assert w.record("b", False, 12.0)
+    w.forget("b")
+    assert not w.record("b", False, 13.0)  # forgotten (replaced): a fresh window
+
+
+def test_hung_restart_s_shorter_than_one_ping_timeout_is_refused_naming_both_fields():
+    with pytest.raises(ValidationError, match="hung_restart_s.*health_timeout_s"):
+        ServeConfig(hung_restart_s=1.0, health_timeout_s=2.0)
+    with pytest.raises(ValueError, match="hung_restart_s must be > 0"):
+        HungWatch(0.0)
