@@ -23,7 +23,7 @@ import ray
 import torch
 
 from moeray.actors.controller_kv import KVShardKeeper
-from moeray.actors.handles import RAY_CALL_ERRORS, ExpertHandle, GatingHandle, Reply, actor_exists, kill, restart
+from moeray.actors.handles import RAY_CALL_ERRORS, ExpertHandle, GatingHandle, Reply, actor_exists, kill
 from moeray.actors.metrics import ControllerMetrics
 from moeray.actors.spawn import CONTROLLER_NAME, expert_actor_name, start_expert, table_key
 from moeray.common.config import ServeConfig
@@ -227,7 +227,7 @@ class Controller:
                 changed = True
             elif self.hung.record(("expert", a), ok, now):
                 self.fleet.event("hung_restart", actor=a, failing_s=self.config.hung_restart_s)
-                restart(self.actors[a].actor)
+                kill(self.actors[a].actor, restart=True)
         await self._check_gating(oks[len(ids):], now)
         if changed:
             f.refresh_active()
@@ -239,7 +239,7 @@ class Controller:
         for i, ok in enumerate(oks):
             if self.hung.record(("gating", i), ok, now):
                 self.fleet.event("hung_restart", gating=i, failing_s=self.config.hung_restart_s)
-                restart(self.gating[i].actor)
+                kill(self.gating[i].actor, restart=True)
             if ok and not self._gating_ok[i]:
                 try:
                     await self.gating[i].set_table(self.fleet.active.to_dict(), self._routed()).wait(

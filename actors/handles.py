@@ -107,19 +107,12 @@ def actor_exists(name: str, namespace: str) -> bool:
         return False
 
 
-def restart(actor: Any) -> None:
-    """Kill a hung actor so that Ray restarts it (one of its max_restarts; once they are spent Ray reports it gone
-    for good and the controller replaces it). SIGKILL reaches a stopped process too."""
+def kill(actor: Any, restart: bool = False) -> None:
+    """Kill for good (no restart); an actor that is already gone is fine. `restart`: kill a hung actor so that Ray
+    restarts it (one of its max_restarts; once they are spent Ray reports it gone for good and the controller
+    replaces it). SIGKILL reaches a stopped process too."""
     try:
-        ray.kill(actor, no_restart=False)
-    except Exception:  # noqa: BLE001 - already gone
-        pass
-
-
-def kill(actor: Any) -> None:
-    """Kill for good (no restart); an actor that is already gone is fine."""
-    try:
-        ray.kill(actor, no_restart=True)
+        ray.kill(actor, no_restart=not restart)
     except Exception:  # noqa: BLE001 - already gone, or never started
         pass
 
