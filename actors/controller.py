@@ -174,14 +174,16 @@ class Controller:
                               actor_ids=actor_ids)
         new = placement.to_table(f.desired.version + 1)
         # 1. load added slots everywhere first (the old table stays valid meanwhile)
-        await asyncio.gather(*[self.actors[a].load_slots(s) for a, s in new.added_slots(f.desired).items() if s])
+        await asyncio.gather(*[self.actors[a].load_slots(s).wait(self.config.expert_call_timeout_s)
+                               for a, s in new.added_slots(f.desired).items() if s])
         # 2. switch atomically
         old, f.desired = f.desired, new
         f.refresh_active()
         await self._push()
         # 3. unload what no longer lives on each actor
-        await asyncio.gather(*[self.actors[a].unload_slots(s) for a, s in new.removed_slots(old).items()
-                               if s and a in self.actors])
+        await asyncio.gather(*[self.actors[a].unload_slots(s).wait(self.config.expert_call_timeout_s)
+                               for a, s in new.removed_slots(old).items() if s and a in self.actors],
+                             return_exceptions=True)  # one that fails keeps a spare copy: harmless
         after = imbalance(load, new)
         f.event("rebalance", before=round(before, 3), after=round(after, 3), version=new.version)
         self.metrics.imbalance.set(after)
@@ -255,10 +257,11 @@ class Controller:
     async def _reload_slots(self, a: int) -> None:
         """Bring a (restarted) actor to what the table says it holds: it restarts with its constructor's slots."""
         want = self.fleet.desired.actor_slots(a)
-        have = await self.actors[a].load_slots(want)
+        have = await self.actors[a].load_slots(want).wait(self.config.expert_call_timeout_s)
         extra = {layer: [e for e in ex if e not in set(want.get(int(layer), []))] for layer, ex in have.items()}
         if any(extra.values()):
-            await self.actors[a].unload_slots({k: v for k, v in extra.items() if v})
+            await self.actors[a].unload_slots({k: v for k, v in extra.items() if v}).wait(
+                self.config.expert_call_timeout_s)
 
     def _replace(self, a: int) -> None:
         """Start a new actor with the same id and slots (Ray could not restart the old one)."""
@@ -321,7 +324,8 @@ class Controller:
         """Busy fraction per healthy actor since the last pass; an actor found restarted gets its slots back."""
         f = self.fleet
         ids = [a for a in self.actors if a not in f.pending and f.health.is_healthy(a)]
-        stats = await asyncio.gather(*[self.actors[a].stats() for a in ids], return_exceptions=True)
+        stats = await asyncio.gather(*[self.actors[a].stats().wait(self.config.health_timeout_s) for a in ids],
+                                     return_exceptions=True)
         fractions = {}
         for a, st in zip(ids, stats, strict=True):
             if isinstance(st, BaseException):
@@ -375,7 +379,8 @@ class Controller:
 
     # ---- EPLB input ------------------------------------------------------------------------------------
     async def _collect_load(self) -> None:
-        loads = await asyncio.gather(*[g.take_expert_load() for g in self.gating], return_exceptions=True)
+        loads = await asyncio.gather(*[g.take_expert_load().wait(self.config.health_timeout_s * 5)
+                                       for g in self.gating], return_exceptions=True)
         layers = list(self.fleet.desired.layer_ids)
         total = torch.zeros(len(layers), self.fleet.desired.num_experts, dtype=torch.float64)
         for ld in loads:

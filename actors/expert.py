@@ -111,8 +111,10 @@ class ExpertGroupActor:
     def ping(self) -> int:
         return self.actor_id
 
+    @ray.method(concurrency_group="health")
     def stats(self) -> dict:
-        """Load counters since start: busy seconds, rows (pairs) served, calls; node and device."""
+        """Load counters since start: busy seconds, rows (pairs) served, calls; node and device. In the health group:
+        the controller asks every pass (bounded by health_timeout_s), never queued behind expert calls."""
         return {"actor_id": self.actor_id, "busy_s": self._busy_s, "cpu_s": self._cpu_s, "rows": self._rows,
                 "calls": self._calls, "channel_calls": self._channel.calls if self._channel is not None else 0,
                 "uptime_s": time.monotonic() - self._started, "device": str(self.device), "pid": os.getpid(),

@@ -1,6 +1,10 @@
 """Controller under faults and load: autoscaled replicas of a hot group (added, later removed), an expert actor
-Ray cannot restart is replaced, a lost KV shard's blocks are re-replicated. Eventual outcomes, not timings."""
+Ray cannot restart is replaced, a hung (stopped) expert or gating actor is restarted with no request lost, a lost
+KV shard's blocks are re-replicated. Eventual outcomes, not timings."""
 
+import asyncio
+import os
+import signal
 import threading
 
 import pytest
@@ -52,7 +56,8 @@ def test_hot_group_gets_a_replica_then_loses_it(ray_session):
 @pytest.fixture(scope="module")
 def dep(ray_session):
     d = deploy(ServeConfig(dtype="float32", model=str(build("mixtral")), num_expert_groups=2, kv_cache_blocks=128,
-                           health_period_s=0.5, kv_store=KVStoreConfig(enabled=True, num_shards=3, replication=2)))
+                           health_period_s=0.5, hung_restart_s=4.0,
+                           kv_store=KVStoreConfig(enabled=True, num_shards=3, replication=2)))
     yield d
     d.shutdown()
 
@@ -67,6 +72,53 @@ def test_expert_actor_that_cannot_restart_is_replaced(dep):
         assert teacher_forcing_failures(hf_logits(hf, p + o.token_ids), len(p), o.token_ids) == []
     events = [e["event"] for e in dep.status()["events"]]
     assert "replace" in events
+
+
+def pid_of(actor):
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+
+
+def stream_and_stop(dep, prompts, pid):
+    """Stream greedy requests; once the first has 4 tokens, SIGSTOP `pid` (alive for Ray, answering nothing)."""
+    stopped = []
+    reasons = {}
+
+    async def run():
+        async def one(i):
+            toks = []
+            async for d in dep.stream(f"hung-{pid}-{i}", prompts[i], GREEDY):
+                toks += d.token_ids
+                if d.finish_reason:
+                    reasons[i] = d.finish_reason
+                if len(toks) >= 4 and not stopped:
+                    stopped.append(True)
+                    os.kill(pid, signal.SIGSTOP)
+            return toks
+        return await asyncio.gather(*[one(i) for i in range(len(prompts))]), reasons
+
+    try:
+        return asyncio.run(run())
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)  # if the test failed before the controller killed it
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("role", ["expert", "gating"])
+def test_hung_actor_is_restarted_and_no_request_is_lost(dep, role):
+    """No replica to route to: without the restart every request would wait for the stopped process forever."""
+    hf = load_hf("mixtral")
+    prompts = [list(range(5, 60)), list(range(7, 40)), list(range(3, 30))]
+    pid = pid_of(dep.expert_actors[0] if role == "expert" else dep.gating[0])
+    toks, reasons = stream_and_stop(dep, prompts, pid)
+    assert set(reasons.values()) == {"length"}, reasons
+    for p, t in zip(prompts, toks, strict=True):
+        assert len(t) == GREEDY.max_tokens
+        assert teacher_forcing_failures(hf_logits(hf, p + t), len(p), t) == []
+    hung = [e for e in dep.status()["events"] if e["event"] == "hung_restart"]
+    assert hung and hung[-1].get("actor" if role == "expert" else "gating") == 0
+    assert pid_of(dep.expert_actors[0] if role == "expert" else dep.gating[0]) != pid  # a new process
 
 
 def test_lost_kv_shard_gets_its_blocks_back(dep):
