@@ -39,6 +39,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -84,6 +85,45 @@ def send_parts(sock: socket.socket, parts: list[Any]) -> None:
                 n = 0
 
 
+DIR_PREFIX = "moeray-ch-"
+SOCKET_NAME = "experts.sock"
+_EMPTY_DIR_GRACE_S = 60.0  # a directory with no socket yet may be a server starting up
+
+
+def sweep_stale_dirs(parent: str) -> list[str]:
+    """Remove the socket directories of servers that are gone (a SIGKILLed actor leaves its directory and an empty
+    socket file): ours, and either the socket refuses connections (nobody listens) or there has been no socket for
+    a minute. A live server's socket accepts, so it is never touched. Returns what was removed."""
+    removed = []
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(DIR_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        d = os.path.join(parent, name)
+        try:
+            st = os.stat(d)
+            if st.st_uid != os.getuid():
+                continue
+            path = os.path.join(d, SOCKET_NAME)
+            if os.path.exists(path):
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    probe.connect(path)
+                    continue  # someone listens
+                except ConnectionRefusedError:
+                    pass
+                finally:
+                    probe.close()
+            elif time.time() - st.st_mtime < _EMPTY_DIR_GRACE_S:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 class ChannelServer:
     """Serves `handler(layer, meta, rows) -> answer bytes` on a Unix socket and a TCP port. `host`: the address to
     bind TCP on (the node's IP); None: Unix socket only. `close()` stops it; `address()` is what a client
@@ -94,10 +134,12 @@ class ChannelServer:
         self._init = init  # run first on the worker thread (per-thread settings: torch's intra-op thread count)
         self.token = secrets.token_bytes(TOKEN_BYTES)
         # a Unix socket path is limited to ~107 bytes: under a long TMPDIR, /tmp
-        self._dir = tempfile.mkdtemp(prefix="moeray-ch-", dir=None if len(tempfile.gettempdir()) < 64 else "/tmp")
+        parent = tempfile.gettempdir() if len(tempfile.gettempdir()) < 64 else "/tmp"
+        sweep_stale_dirs(parent)  # what killed servers left (atexit never ran there)
+        self._dir = tempfile.mkdtemp(prefix=DIR_PREFIX, dir=parent)
         os.chmod(self._dir, 0o700)
-        atexit.register(shutil.rmtree, self._dir, True)  # a killed process leaves it (an empty socket file)
-        self.uds_path = os.path.join(self._dir, "experts.sock")
+        atexit.register(shutil.rmtree, self._dir, True)
+        self.uds_path = os.path.join(self._dir, SOCKET_NAME)
         self._listeners = [self._listen(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), self.uds_path)]
         self.tcp: tuple[str, int] | None = None
         if host is not None:

@@ -121,6 +121,38 @@ def test_unix_socket_lives_in_a_private_directory(server):
     s.close()
 
 
+def test_sweep_removes_only_the_directories_of_gone_servers(tmp_path):
+    import os
+
+    from moeray.engine.channel import DIR_PREFIX, SOCKET_NAME, sweep_stale_dirs
+
+    def socket_dir(name, listening):
+        d = tmp_path / f"{DIR_PREFIX}{name}"
+        d.mkdir()
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(d / SOCKET_NAME))
+        if listening:
+            s.listen(1)
+            return d, s
+        s.close()  # what a SIGKILLed server leaves: the socket file, nobody listening
+        return d, None
+
+    dead, _ = socket_dir("dead", listening=False)
+    live, listener = socket_dir("live", listening=True)
+    starting = tmp_path / f"{DIR_PREFIX}starting"  # no socket yet, just made: a server starting up
+    starting.mkdir()
+    old_empty = tmp_path / f"{DIR_PREFIX}old"
+    old_empty.mkdir()
+    os.utime(old_empty, (0, 0))
+    other = tmp_path / "not-ours"
+    other.mkdir()
+    try:
+        assert sorted(sweep_stale_dirs(str(tmp_path))) == sorted([str(dead), str(old_empty)])
+        assert live.exists() and starting.exists() and other.exists() and not dead.exists()
+    finally:
+        listener.close()
+
+
 def test_call_buffers_match_encode_call():
     from moeray.engine.wire import encode_call
 
