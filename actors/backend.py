@@ -71,7 +71,8 @@ class DeploymentBackend:
                 health = "starting"
             actors.append({"name": f"expert-{e['actor_id']}", "kind": "expert", "node": str(e.get("node_id", ""))[:12],
                            "device": e.get("device", ""), "dtype": e.get("dtype", ""), "health": health,
-                           "load": float(e.get("busy_fraction", 0.0)), "group": e.get("group")})
+                           "load": float(e.get("busy_fraction", 0.0)), "group": e.get("group"),
+                           "weight_bytes": int(e.get("weight_bytes", 0)), "off_cpu_s": e.get("off_cpu_s", 0.0)})
         for sid in st.get("kv_shards", []):
             actors.append({"name": sid, "kind": "kv_shard", "node": "", "device": "cpu", "health": "healthy",
                            "load": 0.0})

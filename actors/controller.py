@@ -100,6 +100,9 @@ class Controller:
                     **{k: self._stats.get(a, {}).get(k, d) for k, d in (("node_id", ""), ("device", ""), ("dtype", ""),
                                                                          ("weight_bytes", 0), ("rows", 0))}}
                    for a in sorted(self.actors)]
+        for e in experts:  # inside expert calls but off the CPU: waiting for a core (or for the device)
+            st = self._stats.get(e["actor_id"], {})
+            e["off_cpu_s"] = round(max(0.0, st.get("busy_s", 0.0) - st.get("cpu_s", 0.0)), 3)
         return {"table_version": f.active.version, "desired_version": f.desired.version, "experts": experts,
                 "groups": {str(g): a for g, a in f.groups.items()}, "kv_shards": list(self.kv.shards),
                 "gating_healthy": list(self._gating_ok), "events": list(f.events)[-20:],

@@ -83,11 +83,12 @@ class ExpertGroupActor:
         """`forward` over Ray Direct Transport (actors/rdt.py): x [M, D] arrives as a tensor pulled by NIXL (on
         this actor's device type); the answer [M, D] stays here, put as an RDT object whose ref is returned
         (`[ref]`: a plain return, so the caller's `.remote()` needs no per-call RDT check and its future works)."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         pair_rows, expert_ids, weights = unpack_pairs(meta)
         out = self.group.forward(layer, x, pair_rows, expert_ids, weights).contiguous()
         ref = ray.put(out, _tensor_transport=tensor_transport)
         self._busy_s += time.perf_counter() - t0
+        self._cpu_s += time.thread_time() - c0
         self._rows += int(pair_rows.shape[0])
         self._calls += 1
         return [ref]

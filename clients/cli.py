@@ -90,13 +90,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _mib(weight_bytes: str | None) -> str:
+    """An expert actor's weight bytes as MiB; empty for actors that hold none (gating, KV shards)."""
+    return f"{int(weight_bytes) / 2**20:.1f} MiB" if weight_bytes else ""
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status = client.status()
     rows = [(a.name, a.kind, a.node, a.device, a.details.get("dtype", ""), a.details.get("transport", ""), a.health,
-             f"{a.load:g}") for a in status.actors]
+             f"{a.load:g}", _mib(a.details.get("weight_bytes")), a.details.get("off_cpu_s", "")) for a in status.actors]
     print(f"routing table version {status.table_version}")
-    print(format_table(["ACTOR", "KIND", "NODE", "DEVICE", "DTYPE", "TRANSPORT", "HEALTH", "LOAD"], rows))
+    print(format_table(["ACTOR", "KIND", "NODE", "DEVICE", "DTYPE", "TRANSPORT", "HEALTH", "LOAD", "WEIGHTS",
+                        "OFF-CPU S"], rows))
     for key, value in sorted(status.details.items()):
         print(f"{key}: {value}")
     return EXIT_OK

@@ -446,6 +446,19 @@ def test_admin_status_answers(client):
     assert status.actors, "the backend reports no actors"
     gating = [a for a in status.actors if a.kind == "gating"]
     assert gating and all(a.details["transport"] == "socket" for a in gating)  # tensor_transport auto on CPU
+    experts = [a for a in status.actors if a.kind == "expert"]
+    assert experts and all(int(a.details["weight_bytes"]) > 0 for a in experts)
+    assert all(float(a.details["off_cpu_s"]) >= 0 for a in experts)
+
+
+def test_status_command_prints_weights(frontend, capsys):
+    from moeray.clients.cli import main
+
+    assert main(["status", "--address", frontend.address]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("ACTOR"))
+    assert "WEIGHTS" in header and "OFF-CPU S" in header
+    assert "MiB" in out
 
 
 def test_admin_metrics_answer(client):
