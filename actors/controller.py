@@ -22,14 +22,16 @@ from typing import Any
 import ray
 import torch
 
+from moeray.actors import handles
 from moeray.actors.controller_kv import KVShardKeeper
 from moeray.actors.handles import RAY_CALL_ERRORS, ExpertHandle, GatingHandle, Reply, actor_exists, kill
 from moeray.actors.metrics import ControllerMetrics
+from moeray.actors.resources import request_device_if_short
 from moeray.actors.spawn import CONTROLLER_NAME, expert_actor_name, start_expert, table_key
 from moeray.common.config import ServeConfig
 from moeray.router.fleet import FleetState
 from moeray.router.placement import default_redundant, imbalance, rebalance
-from moeray.router.policy import AutoscaleState, HungWatch, decide_replicas
+from moeray.router.policy import AutoscaleState, HungWatch, StartWatch, decide_replicas
 from moeray.router.table import NoReplicaError, RoutingTable
 
 __all__ = ["CONTROLLER_NAME", "Controller", "expert_actor_name", "table_key"]
@@ -56,6 +58,7 @@ class Controller:
         self._stats: dict[int, dict[str, Any]] = {}  # actor -> its last stats (a new pid: Ray restarted it)
         self._gating_ok = [True] * len(self.gating)
         self.hung = HungWatch(c.hung_restart_s)  # alive for Ray, every ping failing: killed so Ray restarts it
+        self.starts = StartWatch(c.start_timeout_s)  # in its constructor that long: killed so Ray starts it again
         self._load_history = torch.zeros(0)
         self._writer = asyncio.Lock()
         self._task: asyncio.Task | None = None
@@ -227,12 +230,11 @@ class Controller:
                 self.metrics.failovers_total += 1
                 changed = True
             if gone:
-                self.hung.forget(("expert", a))
+                self.hung.forget(("actor", a))
                 self._replace(a)
                 changed = True
-            elif self.hung.record(("expert", a), ok, now):
-                self.fleet.event("hung_restart", actor=a, failing_s=self.config.hung_restart_s)
-                kill(self.actors[a].actor, restart=True)
+            else:
+                self._watch_hung("actor", a, ok, now)
         await self._check_gating(oks[len(ids):], now)
         if changed:
             f.refresh_active()
@@ -242,9 +244,7 @@ class Controller:
         """A gating actor back after failed pings was restarted (or stalled): give it the current table. One that
         failed every ping for hung_restart_s is killed: Ray restarts it, its requests are resubmitted (LOST)."""
         for i, ok in enumerate(oks):
-            if self.hung.record(("gating", i), ok, now):
-                self.fleet.event("hung_restart", gating=i, failing_s=self.config.hung_restart_s)
-                kill(self.gating[i].actor, restart=True)
+            self._watch_hung("gating", i, ok, now)
             if ok and not self._gating_ok[i]:
                 try:
                     await self.gating[i].set_table(self.fleet.active.to_dict(), self._routed()).wait(
@@ -272,18 +272,35 @@ class Controller:
         self._start(a)
 
     def _start(self, a: int) -> None:
-        self._request_resources_if_needed()
+        request_device_if_short(self.config, self.fleet.event)
         h = start_expert(self.config, self.deployment, a, self.fleet.desired.actor_slots(a))
         self.actors[a] = ExpertHandle(h, a)
         self._stats.pop(a, None)
         self.fleet.pending.add(a)
         self.starting[a] = self.actors[a].ping()
 
+    def _watch_hung(self, role: str, i: int, ok: bool, now: float, running: bool = True) -> None:
+        """Kill a hung actor so Ray starts it again: in its constructor (a start or a restart) for start_timeout_s
+        (event start_hung), or, `running`, past it but failing every ping for hung_restart_s (hung_restart)."""
+        key, actor = (role, i), (self.actors[i] if role == "actor" else self.gating[i]).actor
+        pid = 0 if ok else handles.constructor_pid(actor)
+        if pid:  # loading: never a hung_restart, however long it takes; a constructor that never ends is
+            self.hung.forget(key)
+            if self.starts.record(key, pid, now):
+                self.fleet.event("start_hung", **{role: i}, pid=pid, starting_s=self.config.start_timeout_s)
+                kill(actor, restart=True)
+            return
+        self.starts.record(key, 0, now)
+        if running and self.hung.record(key, ok, now):
+            self.fleet.event("hung_restart", **{role: i}, failing_s=self.config.hung_restart_s)
+            kill(actor, restart=True)
+
     async def _check_starting(self) -> bool:
         changed = False
         for a, reply in list(self.starting.items()):
             ready, _ = ray.wait([reply.ref], timeout=0)
             if not ready:
+                self._watch_hung("actor", a, False, time.monotonic(), running=False)  # 0 pid: waits for a node
                 continue
             try:
                 await reply
@@ -295,21 +312,6 @@ class Controller:
             self.fleet.refresh_active()
             changed = True
         return changed
-
-    def _request_resources_if_needed(self) -> None:
-        """A new replica needs its device: when the cluster has none free, ask the Ray autoscaler for one."""
-        c = self.config
-        need = {"CPU": c.expert_num_cpus} if c.device == "cpu" else ({"GPU": 1} if c.device == "gpu" else {"NPU": 1})
-        free = ray.available_resources()
-        if all(free.get(k, 0) >= v for k, v in need.items()):
-            return
-        try:
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[need])
-            self.fleet.event("autoscaler_request", bundle=need)
-        except Exception as e:  # noqa: BLE001 - no autoscaler on this cluster: the actor stays pending
-            self.fleet.event("autoscaler_unavailable", error=str(e)[:200])
 
     def _routed(self) -> dict[int, Any]:
         return {a: h.actor for a, h in self.actors.items() if a in self.fleet.active.actor_ids}

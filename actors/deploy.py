@@ -227,7 +227,7 @@ def deploy(config: ServeConfig | None = None, address: str | None = None, **fiel
     gating = [start_gating(cfg, name, table, experts or None, i, kv_shards or None)
               for i in range(cfg.num_gating_actors)]
     _wait_started([ExpertHandle(a, i) for i, a in experts.items()] + [GatingHandle(g, i) for i, g in enumerate(gating)]
-                  + [KVShardHandle(h, sid) for sid, h in kv_shards.items()], t0)
+                  + [KVShardHandle(h, sid) for sid, h in kv_shards.items()], t0, cfg.start_timeout_s)
     controller = None
     if cfg.controller and cfg.transport == "ray":
         _progress("starting the controller (health, failover, autoscaling, rebalancing)")
@@ -245,7 +245,8 @@ def _wait_started(actors: list[ExpertHandle | GatingHandle | KVShardHandle], t0:
         ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
         if not ready:
             raise BackendUnavailableError(f"{len(pending)} of {total} actors did not start within {timeout_s:.0f} s; "
-                                          "`ray status` shows what the cluster is short of")
+                                          "`ray status` shows what the cluster is short of (a model that takes "
+                                          "longer to load: raise start_timeout_s)")
         ray.get(ready)  # raises the actor's construction error, if any
         done += 1
         _progress(f"loaded {done}/{total} actors ({time.monotonic() - t0:.1f}s)")

@@ -107,6 +107,16 @@ def actor_exists(name: str, namespace: str) -> bool:
         return False
 
 
+def constructor_pid(actor: Any) -> int:
+    """The pid of the process running `actor`'s constructor (a first start or a restart, as Ray's actor table
+    says); 0 when it is not in its constructor: alive, dead, still waiting for a node, or unknown."""
+    try:
+        info = ray._private.state.actors(actor._actor_id.hex())  # GCS, no dashboard needed
+    except Exception:  # noqa: BLE001 - no answer is no evidence of a hang
+        return 0
+    return int(info.get("Pid") or 0) if info.get("State") in ("PENDING_CREATION", "RESTARTING") else 0
+
+
 def kill(actor: Any, restart: bool = False) -> None:
     """Kill for good (no restart); an actor that is already gone is fine. `restart`: kill a hung actor so that Ray
     restarts it (one of its max_restarts; once they are spent Ray reports it gone for good and the controller

@@ -14,6 +14,7 @@ The first two are pure.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from moeray.common.config import ServeConfig
@@ -139,3 +140,21 @@ def _ask_autoscaler(cfg: ServeConfig, n: ActorCounts) -> None:
         request_resources(bundles=[b for b in bundles if any(b.values())])
     except Exception:  # noqa: BLE001 - no autoscaler on this cluster
         pass
+
+
+def request_device_if_short(c: ServeConfig, event: Callable[..., None]) -> None:
+    """A new expert replica needs its device: when the cluster has none free, ask the Ray autoscaler for one
+    (events autoscaler_request / autoscaler_unavailable; without an autoscaler the actor stays pending)."""
+    import ray
+
+    need = {"CPU": c.expert_num_cpus} if c.device == "cpu" else ({"GPU": 1} if c.device == "gpu" else {"NPU": 1})
+    free = ray.available_resources()
+    if all(free.get(k, 0) >= v for k, v in need.items()):
+        return
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[need])
+        event("autoscaler_request", bundle=need)
+    except Exception as e:  # noqa: BLE001 - no autoscaler on this cluster: the actor stays pending
+        event("autoscaler_unavailable", error=str(e)[:200])

@@ -122,6 +122,9 @@ class ServeConfig(BaseModel):
     # an expert or gating actor that Ray still holds alive but that has failed every ping for this long is hung (a
     # stopped or deadlocked process): the controller kills it so Ray restarts it (no replica needed; its calls wait)
     hung_restart_s: float = Field(10.0, gt=0)
+    # an actor's constructor (a start, a replacement or Ray's restart) still running after this long is hung (a stuck
+    # read of the checkpoint, say): the controller kills that process so Ray starts it again; deploy() waits as long
+    start_timeout_s: float = Field(600.0, gt=0)
     namespace: str = "moeray"
 
     @model_validator(mode="after")

@@ -106,7 +106,7 @@ class HungWatch:
     (a stopped or deadlocked process, a stuck driver call). Ray restarts only processes that die, so such an
     actor would hold its calls until their deadline, forever with no replica. `record` returns True once per hang:
     after that kill the actor is restarting, and it is not killed again until a ping succeeded (a slow restart
-    -- loading its weights -- is not a hang; a restart that never ends is Ray's to report as gone)."""
+    -- loading its weights -- is not a hang; a constructor that never ends is StartWatch's)."""
 
     def __init__(self, after_s: float) -> None:
         if after_s <= 0:
@@ -133,6 +133,30 @@ class HungWatch:
         """An actor gone for good (being replaced): start afresh."""
         self._failing_since.pop(key, None)
         self._restarting.discard(key)
+
+
+class StartWatch:
+    """Constructors that never end: Ray restarts a process that dies, not one stuck in its actor's constructor (a
+    hung read of the checkpoint), and reports such an actor as still starting, for good. `record(key, pid, now)`
+    with the pid of the process running `key`'s constructor (0: not in it -- alive, or still waiting for a node,
+    which is the autoscaler's to solve) returns True once per process after `after_s`: kill it."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._since: dict[Any, tuple[int, float, bool]] = {}  # key -> (pid, first seen, killed)
+
+    def record(self, key: Any, pid: int, now: float) -> bool:
+        if not pid:
+            self._since.pop(key, None)
+            return False
+        seen = self._since.get(key)
+        if seen is None or seen[0] != pid:  # a new process: its clock starts now
+            self._since[key] = (pid, now, False)
+            return False
+        if seen[2] or now - seen[1] < self.after_s:
+            return False
+        self._since[key] = (pid, seen[1], True)
+        return True
 
 
 # ---- autoscaling ----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 import ray
@@ -14,6 +15,7 @@ from support.tiny_models import build, build_skewed, load_hf
 from support.waiting import wait_for
 
 from moeray.actors.deploy import deploy
+from moeray.actors.handles import constructor_pid
 from moeray.actors.kvshard import RayKVClient
 from moeray.common import SamplingParams
 from moeray.common.config import AutoscaleConfig, KVStoreConfig, ServeConfig
@@ -56,7 +58,7 @@ def test_hot_group_gets_a_replica_then_loses_it(ray_session):
 @pytest.fixture(scope="module")
 def dep(ray_session):
     d = deploy(ServeConfig(dtype="float32", model=str(build("mixtral")), num_expert_groups=2, kv_cache_blocks=128,
-                           health_period_s=0.5, hung_restart_s=4.0,
+                           health_period_s=0.5, hung_restart_s=4.0, start_timeout_s=12.0,
                            kv_store=KVStoreConfig(enabled=True, num_shards=3, replication=2)))
     yield d
     d.shutdown()
@@ -119,6 +121,48 @@ def test_hung_actor_is_restarted_and_no_request_is_lost(dep, role):
     hung = [e for e in dep.status()["events"] if e["event"] == "hung_restart"]
     assert hung and hung[-1].get("actor" if role == "expert" else "gating") == 0
     assert pid_of(dep.expert_actors[0] if role == "expert" else dep.gating[0]) != pid  # a new process
+
+
+def in_openat(pid: int) -> bool:
+    """Some thread of `pid` sits in openat(2) (x86-64 syscall 257): blocked opening the FIFO."""
+    try:
+        return any(Path(f"/proc/{pid}/task/{t}/syscall").read_text().split()[0] == "257"
+                   for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_actor_stuck_in_its_constructor_is_started_again(dep):
+    """Ray's restart of expert actor 0 (actor 1's handle went stale with its replacement above) blocks for good
+    reading its weights (the file is a FIFO nobody writes, as on a hung mount): Ray reports it restarting forever.
+    The controller kills that process after start_timeout_s; the next one reads the real file (put back once the
+    first was stuck) and serves."""
+    hf = load_hf("mixtral")
+    old = pid_of(dep.expert_actors[0])
+    weights = sorted(Path(dep.config.model).glob("*.safetensors"))
+    aside = [w.with_name(w.name + ".aside") for w in weights]
+    for w, a in zip(weights, aside, strict=True):
+        w.rename(a)
+        os.mkfifo(w)
+    try:
+        ray.kill(dep.expert_actors[0], no_restart=False)
+        def stuck():  # Ray's new process (the table may name the old one for a moment), blocked on the FIFO
+            p = constructor_pid(dep.expert_actors[0])
+            return p if p not in (0, old) and in_openat(p) else 0
+
+        pid = wait_for(stuck, what="the restart's constructor blocked opening the FIFO")
+    finally:
+        for w, a in zip(weights, aside, strict=True):
+            os.remove(w)
+            a.rename(w)
+    wait_for(lambda: any(e["event"] == "start_hung" and e.get("actor") == 0 and e["pid"] == pid
+                         for e in dep.status()["events"]), timeout_s=60, what="start_hung")
+    prompts = [list(range(5, 60))]
+    outs = dep.generate(prompts, GREEDY)
+    assert teacher_forcing_failures(hf_logits(hf, prompts[0] + outs[0].token_ids), len(prompts[0]),
+                                    outs[0].token_ids) == []
+    assert pid_of(dep.expert_actors[0]) != pid
 
 
 def test_lost_kv_shard_gets_its_blocks_back(dep):

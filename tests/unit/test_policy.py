@@ -4,7 +4,15 @@ import pytest
 from pydantic import ValidationError
 
 from moeray.common.config import ServeConfig
-from moeray.router.policy import AutoscaleConfig, AutoscaleState, GroupStats, HealthTracker, HungWatch, decide_replicas
+from moeray.router.policy import (
+    AutoscaleConfig,
+    AutoscaleState,
+    GroupStats,
+    HealthTracker,
+    HungWatch,
+    StartWatch,
+    decide_replicas,
+)
 
 CONFIG = AutoscaleConfig(min_replicas=1, max_replicas=4, target_utilization=0.5, upscale_delay_s=10,
                          downscale_delay_s=30, cooldown_s=20)
@@ -112,6 +120,20 @@ def test_a_success_resets_the_window_and_actors_are_independent():
     assert w.record("b", False, 12.0)
     w.forget("b")
     assert not w.record("b", False, 13.0)  # forgotten (replaced): a fresh window
+
+
+def test_a_constructor_running_after_s_is_killed_once_per_process():
+    w = StartWatch(after_s=60.0)
+    assert not w.record("a", 0, 0.0)  # waiting for a node: not in its constructor, never a hang
+    assert not w.record("a", 0, 1000.0)
+    assert [w.record("a", 41, t) for t in (1000.0, 1030.0, 1059.9)] == [False, False, False]
+    assert w.record("a", 41, 1060.0)  # process 41 in its constructor for 60 s: kill it
+    assert not w.record("a", 41, 1200.0)  # once per process
+    assert not w.record("a", 42, 1201.0)  # Ray's new process: its own clock
+    assert w.record("a", 42, 1261.0)
+    assert not w.record("b", 42, 1261.0)  # keys are independent
+    assert not w.record("a", 0, 1262.0)  # started (alive): forgotten
+    assert not w.record("a", 42, 1263.0)
 
 
 def test_hung_restart_s_shorter_than_one_ping_timeout_is_refused_naming_both_fields():
