@@ -284,7 +284,7 @@ class Controller:
         (event start_hung), or, `running`, past it but failing every ping for hung_restart_s (hung_restart)."""
         key, actor = (role, i), (self.actors[i] if role == "actor" else self.gating[i]).actor
         pid = 0 if ok else handles.constructor_pid(actor)
-        if pid:  # loading: never a hung_restart, however long it takes; a constructor that never ends is
+        if pid:  # in its constructor (loading): never a hung_restart however long; StartWatch bounds it
             self.hung.forget(key)
             if self.starts.record(key, pid, now):
                 self.fleet.event("start_hung", **{role: i}, pid=pid, starting_s=self.config.start_timeout_s)
@@ -306,6 +306,8 @@ class Controller:
                 await reply
             except RAY_CALL_ERRORS as e:
                 self.fleet.event("start_failed", actor=a, error=str(e)[:200])
+                if actor_exists(expert_actor_name(self.deployment, a), self.config.namespace):
+                    self.starting[a] = self.actors[a].ping()  # Ray is starting it again: wait for that one
                 continue
             del self.starting[a]
             self.fleet.ready(a)

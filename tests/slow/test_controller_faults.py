@@ -2,7 +2,6 @@
 Ray cannot restart is replaced, a hung (stopped) expert or gating actor is restarted with no request lost, a lost
 KV shard's blocks are re-replicated. Eventual outcomes, not timings."""
 
-import asyncio
 import os
 import signal
 import threading
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from support.streaming import stream_with_fault
 from support.teacher import hf_logits, teacher_forcing_failures
 from support.tiny_models import build, build_skewed, load_hf
 from support.waiting import wait_for
@@ -80,41 +80,21 @@ def pid_of(actor):
     return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
 
 
-def stream_and_stop(dep, prompts, pid):
-    """Stream greedy requests; once the first has 4 tokens, SIGSTOP `pid` (alive for Ray, answering nothing)."""
-    stopped = []
-    reasons = {}
-
-    async def run():
-        async def one(i):
-            toks = []
-            async for d in dep.stream(f"hung-{pid}-{i}", prompts[i], GREEDY):
-                toks += d.token_ids
-                if d.finish_reason:
-                    reasons[i] = d.finish_reason
-                if len(toks) >= 4 and not stopped:
-                    stopped.append(True)
-                    os.kill(pid, signal.SIGSTOP)
-            return toks
-        return await asyncio.gather(*[one(i) for i in range(len(prompts))]), reasons
-
-    try:
-        return asyncio.run(run())
-    finally:
-        try:
-            os.kill(pid, signal.SIGCONT)  # if the test failed before the controller killed it
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.parametrize("role", ["expert", "gating"])
 def test_hung_actor_is_restarted_and_no_request_is_lost(dep, role):
     """No replica to route to: without the restart every request would wait for the stopped process forever."""
     hf = load_hf("mixtral")
     prompts = [list(range(5, 60)), list(range(7, 40)), list(range(3, 30))]
     pid = pid_of(dep.expert_actors[0] if role == "expert" else dep.gating[0])
-    toks, reasons = stream_and_stop(dep, prompts, pid)
-    assert set(reasons.values()) == {"length"}, reasons
+    try:  # SIGSTOP: alive for Ray, answering nothing
+        s = stream_with_fault(dep, prompts, GREEDY, f"hung-{pid}", 4, lambda: os.kill(pid, signal.SIGSTOP))
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)  # if the test failed before the controller killed it
+        except ProcessLookupError:
+            pass
+    toks = s.tokens
+    assert {d.finish_reason for d in s.last.values()} == {"length"}, s.last
     for p, t in zip(prompts, toks, strict=True):
         assert len(t) == GREEDY.max_tokens
         assert teacher_forcing_failures(hf_logits(hf, p + t), len(p), t) == []

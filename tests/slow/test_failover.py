@@ -1,11 +1,11 @@
 """Fault injection: an expert actor or the gating actor is killed while requests are in flight; every request
 completes and passes the teacher-forcing check (`none` codec)."""
 
-import asyncio
 
 import pytest
 import ray
 import torch
+from support.streaming import stream_with_fault
 from support.teacher import hf_logits, teacher_forcing_failures
 from support.tiny_models import build, load_hf
 
@@ -43,21 +43,9 @@ def test_expert_actor_killed_mid_generation(dep):
     ps = prompts(6, 1)
     sp = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
     victim = next(iter(dep.expert_actors.values()))
-    killed = []
-
-    async def run():
-        async def one(i):
-            toks = []
-            async for d in dep.stream(f"ek-{i}", ps[i], sp):
-                toks += d.token_ids
-                if i == 0 and len(toks) >= 5 and not killed:
-                    killed.append(True)
-                    ray.kill(victim, no_restart=False)
-            return toks
-        return await asyncio.gather(*[one(i) for i in range(len(ps))])
-
-    toks = asyncio.run(run())
-    assert killed
+    s = stream_with_fault(dep, ps, sp, "ek", 5, lambda: ray.kill(victim, no_restart=False))
+    toks = s.tokens
+    assert s.fault_at is not None
     hf = load_hf(FAMILY)
     for p, t in zip(ps, toks, strict=True):
         assert len(t) == 48
@@ -70,29 +58,15 @@ def test_expert_actor_killed_mid_generation(dep):
 def test_gating_actor_killed_mid_stream(dep):
     ps = prompts(4, 2)
     sp = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
-    killed = []
-
-    cached = {}
-
-    async def run():
-        async def one(i):
-            toks = []
-            async for d in dep.stream(f"gk-{i}", ps[i], sp):
-                toks += d.token_ids
-                if d.finish_reason is not None:
-                    cached[i] = d.num_cached_tokens
-                if i == 0 and len(toks) >= 10 and not killed:
-                    killed.append(len(toks))
-                    ray.kill(dep.gating[0], no_restart=False)  # Ray restarts it; the streams must go on
-            return toks
-        return await asyncio.gather(*[one(i) for i in range(len(ps))])
-
     before = dep.failovers
-    toks = asyncio.run(run())
-    assert killed and killed[0] < 80  # the kill landed mid-stream
+    # Ray restarts the gating actor; the streams must go on
+    s = stream_with_fault(dep, ps, sp, "gk", 10, lambda: ray.kill(dep.gating[0], no_restart=False))
+    toks = s.tokens
+    assert s.fault_at is not None and s.fault_at < 80  # the kill landed mid-stream
     assert dep.failovers > before
     # every request was resumed on the restarted actor, which took its prompt's blocks from the KV store
-    assert all(cached[i] > 0 for i in range(len(ps))), cached
+    cached = {i: d.num_cached_tokens for i, d in s.last.items()}
+    assert all(cached.get(i, 0) > 0 for i in range(len(ps))), cached
     hf = load_hf(FAMILY)
     for p, t in zip(ps, toks, strict=True):
         assert len(t) == 80
