@@ -108,6 +108,7 @@ def sweep_stale_dirs(parent: str) -> list[str]:
             path = os.path.join(d, SOCKET_NAME)
             if os.path.exists(path):
                 probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                probe.settimeout(1.0)  # a full backlog: no answer in time is kept, as any other doubt
                 try:
                     probe.connect(path)
                     continue  # someone listens
