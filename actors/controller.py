@@ -248,7 +248,7 @@ class Controller:
             if ok and not self._gating_ok[i]:
                 try:
                     await self.gating[i].set_table(self.fleet.active.to_dict(), self._routed()).wait(
-                        self.config.health_timeout_s * 5)
+                        self.config.control_timeout_s)
                 except RAY_CALL_ERRORS:
                     ok = False  # try again next pass
                 else:
@@ -322,7 +322,7 @@ class Controller:
         """Persist, then send the active table and the actor handles to every gating actor."""
         self._persist()
         table, routed = self.fleet.active.to_dict(), self._routed()
-        await asyncio.gather(*[g.set_table(table, routed).wait(self.config.health_timeout_s * 5)
+        await asyncio.gather(*[g.set_table(table, routed).wait(self.config.control_timeout_s)
                                for g in self.gating], return_exceptions=True)
         self.metrics.table_version.set(self.fleet.active.version)
 
@@ -386,7 +386,7 @@ class Controller:
 
     # ---- EPLB input ------------------------------------------------------------------------------------
     async def _collect_load(self) -> None:
-        loads = await asyncio.gather(*[g.take_expert_load().wait(self.config.health_timeout_s * 5)
+        loads = await asyncio.gather(*[g.take_expert_load().wait(self.config.control_timeout_s)
                                        for g in self.gating], return_exceptions=True)
         layers = list(self.fleet.desired.layer_ids)
         total = torch.zeros(len(layers), self.fleet.desired.num_experts, dtype=torch.float64)

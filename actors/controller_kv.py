@@ -24,7 +24,6 @@ class KVShardKeeper:
         self.shards = {sid: KVShardHandle(h, sid) for sid, h in (shards or {}).items()}
         self._event = event
         self._started: dict[str, float] = {}
-        self._call_s = config.health_timeout_s * 5  # a hung shard or gating actor must not stall the controller
 
     def raw(self) -> dict[str, Any]:
         """The Ray handles, as gating actors take them."""
@@ -54,7 +53,8 @@ class KVShardKeeper:
         self.shards[sid] = KVShardHandle(start_kv_shard(self.config, self.deployment, sid), sid)
         self._event("kv_shard_replaced", shard=sid)
         await self._copy_to(sid, self._ring())
-        await asyncio.gather(*[g.set_kv_shards(self.raw()).wait(self._call_s) for g in gating], return_exceptions=True)
+        await asyncio.gather(*[g.set_kv_shards(self.raw()).wait(self.config.control_timeout_s) for g in gating],
+                             return_exceptions=True)
 
     async def _copy_to(self, sid: str, ring: HashRing) -> int:
         copied = 0
@@ -62,18 +62,18 @@ class KVShardKeeper:
             if other == sid:
                 continue
             try:
-                keys = await h.keys().wait(self._call_s)
+                keys = await h.keys().wait(self.config.control_timeout_s)
             except RAY_CALL_ERRORS:
                 continue
             mine = [k for k in keys if sid in ring.owners(k)]
             if not mine:
                 continue
             try:
-                values = await h.get_many(mine).wait(self._call_s)
+                values = await h.get_many(mine).wait(self.config.control_timeout_s)
             except RAY_CALL_ERRORS:
                 continue
             puts = [self.shards[sid].put(k, v) for k, v in zip(mine, values, strict=True) if v is not None]
-            done = await asyncio.gather(*[p.wait(self._call_s) for p in puts], return_exceptions=True)
+            done = await asyncio.gather(*[p.wait(self.config.control_timeout_s) for p in puts], return_exceptions=True)
             copied += sum(not isinstance(d, BaseException) for d in done)  # the rest: the next restart's repair
         self._event("kv_repair", shard=sid, blocks=copied)
         return copied

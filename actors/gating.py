@@ -383,7 +383,7 @@ def _current_routing(cfg: ServeConfig, deployment: str, table: dict[str, Any], e
 
     try:
         ctl = ControllerHandle(ray.get_actor(controller_name(deployment), namespace=cfg.namespace), deployment)
-        cur = ctl.routing().result(cfg.health_timeout_s * 5)
+        cur = ctl.routing().result(cfg.control_timeout_s)
     except Exception:  # noqa: BLE001 - no controller yet (first start) or unreachable: the constructor's
         return table, expert_actors, kv_shards
     if int(cur["table"]["version"]) < int(table.get("version", 0)):

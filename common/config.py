@@ -140,6 +140,12 @@ class ServeConfig(BaseModel):
                              "tensors between actors); set tensor_transport: auto")
         return self
 
+    @property
+    def control_timeout_s(self) -> float:
+        """Deadline of a control-plane call that does real work (a table push, the expert load, KV repair's reads and
+        writes): 5 x health_timeout_s, so one hung actor cannot stall the caller."""
+        return self.health_timeout_s * 5
+
     def threads_for(self, role: Literal["gating", "expert"]) -> int:
         """torch threads of a gating or expert-group process: `torch_threads` when set, else derived from the
         CPUs it may use (transport local: all of them; Ray: its num_cpus share, at least 1)."""
