@@ -23,6 +23,7 @@ from moeray.actors.handles import ControllerHandle, ExpertHandle, GatingHandle, 
 from moeray.actors.resources import fit_to_cluster
 from moeray.actors.spawn import (
     expert_actor_name,
+    kv_shard_name,
     start_controller,
     start_expert,
     start_gating,
@@ -77,21 +78,54 @@ def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class Deployment:
-    """A running system. `expert_actors`, `gating` and `kv_shards` are the Ray actor handles; requests go
-    through one RequestSupervisor (failover across gating actors) and operations through the controller."""
+    """A running system. `expert_actors`, `gating` and `kv_shards` are the Ray actor handles (the ones running
+    now: see `expert_actors`); requests go through one RequestSupervisor (failover across gating actors) and
+    operations through the controller."""
 
     def __init__(self, config: ServeConfig, model_cfg: ModelConfig, table: RoutingTable,
                  expert_actors: dict[int, Any], gating: list[Any], kv_shards: dict[str, Any] | None = None,
                  name: str = "moeray", controller: Any = None) -> None:
         self.config, self.model_cfg, self.table = config, model_cfg, table
-        self.expert_actors, self.gating = expert_actors, gating
-        self.kv_shards = kv_shards or {}
+        self._experts, self.gating = dict(expert_actors), gating  # Ray restarts a gating actor: same handle
+        self._kv_shards = dict(kv_shards or {})
+        # the handles deploy() created own their actors: Ray ends an actor once its owner's handles are all gone, so
+        # these stay referenced for the deployment's life even when a lookup gives a newer handle
+        self._owned = [*self._experts.values(), *self._kv_shards.values()]
         self.name, self.controller = name, controller
         self.gating_handles = [GatingHandle(g, i) for i, g in enumerate(gating)]
         self.supervisor = RequestSupervisor(self.gating_handles)
         self._controller = ControllerHandle(controller) if controller is not None else None
         self.engine_config = engine_config(config)
         self.tokenizer = load_tokenizer(config.model)
+
+    @property
+    def expert_actors(self) -> dict[int, Any]:
+        """Every expert actor's Ray handle by actor id, as the deployment runs now. With a controller that is the
+        actors it runs: replicas it added included, removed ones left out, and for an actor it replaced (Ray could
+        not restart it) the new actor under the same name, where a handle kept from before points at the dead
+        one. Looked up by name on every access (a controller call and one lookup per actor): keep the dict in a
+        local inside a loop."""
+        if self._controller is not None:
+            try:
+                ids = [e["actor_id"] for e in self._controller.status().result(self.config.control_timeout_s)[
+                    "experts"]]
+            except BackendUnavailableError:  # the controller restarting: the actors known so far
+                ids = sorted(self._experts)
+            self._experts = {a: self._lookup(expert_actor_name(self.name, a), self._experts.get(a)) for a in ids}
+        return dict(self._experts)
+
+    @property
+    def kv_shards(self) -> dict[str, Any]:
+        """Every KV-store shard's Ray handle by shard id; a shard the controller replaced is the new actor."""
+        if self._controller is not None:
+            self._kv_shards = {s: self._lookup(kv_shard_name(self.name, s), h) for s, h in self._kv_shards.items()}
+        return dict(self._kv_shards)
+
+    def _lookup(self, actor_name: str, last: Any) -> Any:
+        try:
+            return ray.get_actor(actor_name, namespace=self.config.namespace)
+        except ValueError:  # not registered right now (being replaced): the last handle known
+            return last
 
     @property
     def failovers(self) -> int:
@@ -151,7 +185,7 @@ class Deployment:
         gst = results([g.status() for g in self.gating_handles])
         if self._controller is not None:
             return {"name": self.name, **self._controller.status().result(), "gating": gst}
-        est = results([ExpertHandle(a, i).stats() for i, a in self.expert_actors.items()])
+        est = results([ExpertHandle(a, i).stats() for i, a in self._experts.items()])
         return {"name": self.name, "table_version": self.table.version, "gating": gst, "experts": est}
 
     def _need_controller(self) -> ControllerHandle:
@@ -179,25 +213,20 @@ class Deployment:
 
     def shutdown(self) -> None:
         """Kill every actor of this deployment (the Ray session itself stays up)."""
-        experts = list(self.expert_actors.values())
+        experts = list(self._experts.values())
+        try:  # with a controller: the replicas it started itself, and the actors it replaced
+            experts += [a for a in self.expert_actors.values() if a not in experts]
+        except Exception:  # noqa: BLE001 - Ray itself unreachable: kill what we know
+            pass
         if self._controller is not None:
-            try:  # the controller also owns replicas it started itself
-                st = self._controller.status().result(10)
-                for e in st["experts"]:
-                    try:
-                        experts.append(ray.get_actor(expert_actor_name(self.name, e["actor_id"]),
-                                                     namespace=self.config.namespace))
-                    except ValueError:
-                        pass
-            except Exception:  # noqa: BLE001 - controller gone: kill what we know
-                pass
             from ray.experimental import internal_kv
 
             internal_kv._internal_kv_del(table_key(self.name))
         for a in [self.controller] * (self.controller is not None) + list(self.gating) + experts + list(
                 self.kv_shards.values()):
             kill(a)
-        self.gating, self.expert_actors, self.controller, self._controller = [], {}, None, None
+        self.gating, self._experts, self._kv_shards, self.controller, self._controller = [], {}, {}, None, None
+        self._owned = []
 
 
 def deploy(config: ServeConfig | None = None, address: str | None = None, **fields: Any) -> Deployment:

@@ -111,7 +111,8 @@ def _probe_tokens(dep, transports, used: str, local_tr, t: int, repeats: int, dt
     w = torch.softmax(torch.rand(ids.shape, generator=g), dim=-1)
     slots = table.layer_slots(layer)
     batches = plan_dispatch(ids, w, slots, layer=layer)
-    targets = [dep.expert_actors[b.actor_id] for b in batches]
+    actors = dep.expert_actors  # one lookup
+    targets = [actors[b.actor_id] for b in batches]
     packed = pack_rows(x, batches, dtype)
     outs = [torch.randn(b.num_rows, cfg.hidden_size).to(dtype) for b in batches]
     chan = transports["socket"].backend
@@ -136,11 +137,11 @@ def _probe_tokens(dep, transports, used: str, local_tr, t: int, repeats: int, dt
                            for p, b in zip(packed, batches, strict=True)],
         "combine": lambda: scatter_rows(t, cfg.hidden_size, batches, outs, dtype),
     })
-    busy0 = ray.get([a.stats.remote() for a in dep.expert_actors.values()])
+    busy0 = ray.get([a.stats.remote() for a in actors.values()])
     sub0 = {k: tr.stats["dispatch_s"] for k, tr in transports.items()}
     with torch.inference_mode():
         times = interleaved_times(probes, repeats, warmup=3)
-    busy1 = ray.get([a.stats.remote() for a in dep.expert_actors.values()])
+    busy1 = ray.get([a.stats.remote() for a in actors.values()])
     calls = sum(b["calls"] - a["calls"] for a, b in zip(busy0, busy1, strict=True))
     busy = sum(b["busy_s"] - a["busy_s"] for a, b in zip(busy0, busy1, strict=True))
     cpu = sum(b.get("cpu_s", 0.0) - a.get("cpu_s", 0.0) for a, b in zip(busy0, busy1, strict=True))

@@ -187,8 +187,9 @@ def chaos_config(path: str):
 
 def _kill(dep, kind: str, rng) -> str:
     if kind == "expert":
-        a = rng.choice(sorted(dep.expert_actors))
-        ray.kill(dep.expert_actors[a], no_restart=False)
+        actors = dep.expert_actors
+        a = rng.choice(sorted(actors))
+        ray.kill(actors[a], no_restart=False)
         return f"expert {a}"
     if kind == "gating":
         i = rng.randrange(len(dep.gating))

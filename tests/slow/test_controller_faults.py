@@ -46,6 +46,7 @@ def test_hot_group_gets_a_replica_then_loses_it(ray_session):
         t.start()
         wait_for(lambda: replicas(dep, 0) == 2)  # experts 0 and 1 live on group 0: it is the hot one
         assert replicas(dep, 3) == 1
+        assert set(dep.status()["groups"]["0"]) <= set(dep.expert_actors)  # the added replica's handle too
         stop.set()
         t.join()
         wait_for(lambda: replicas(dep, 0) == 1)
@@ -74,6 +75,8 @@ def test_expert_actor_that_cannot_restart_is_replaced(dep):
         assert teacher_forcing_failures(hf_logits(hf, p + o.token_ids), len(p), o.token_ids) == []
     events = [e["event"] for e in dep.status()["events"]]
     assert "replace" in events
+    new = dep.expert_actors[1]  # the replacement, not the handle of the killed actor
+    assert new != victim and pid_of(new) > 0
 
 
 def pid_of(actor):
