@@ -3,7 +3,8 @@
 A named, detached async actor around a pure FleetState (router/fleet.py). Every change -- the reconcile loop's
 health, autoscaling and KV repair, and the operator's scale / drain / rebalance -- runs under one writer lock,
 so no change can erase a concurrent one; reads (status, routing) take no lock. The state is persisted in Ray's
-internal KV after every change, so a restarted controller recovers it (and the expert actors, by name).
+internal KV after every change: a controller Ray restarted recovers it and the actors by name (the ones it started
+are detached, actors/spawn.py, so they outlive it), replaces those gone meanwhile and resumes its loop by itself.
 
 One reconcile pass: ping expert actors (their own concurrency group) and gating actors -> route around the
 unhealthy, re-admit the healthy (reloading the slots the table gives them), replace actors Ray cannot restart,
@@ -24,7 +25,7 @@ import torch
 
 from moeray.actors import handles
 from moeray.actors.controller_kv import KVShardKeeper
-from moeray.actors.handles import RAY_CALL_ERRORS, ExpertHandle, GatingHandle, Reply, actor_exists, kill
+from moeray.actors.handles import RAY_CALL_ERRORS, ExpertHandle, GatingHandle, Reply, actor_exists, kill, named_actor
 from moeray.actors.metrics import ControllerMetrics
 from moeray.actors.resources import request_device_if_short
 from moeray.actors.spawn import CONTROLLER_NAME, expert_actor_name, start_expert, table_key
@@ -46,12 +47,9 @@ class Controller:
         stored = self._load()  # what a previous incarnation persisted, or None on first start
         self.fleet = (FleetState.from_dict(stored, c.health_failure_threshold) if stored else
                       FleetState(RoutingTable.from_dict(table), groups, c.health_failure_threshold))
-        self.actors: dict[int, ExpertHandle] = {}
-        for a in self.fleet.desired.actor_ids:
-            try:
-                self.actors[a] = ExpertHandle(ray.get_actor(expert_actor_name(deployment, a), namespace=c.namespace), a)
-            except ValueError:
-                pass  # gone while no controller ran: the health check replaces it
+        named = {a: named_actor(expert_actor_name(deployment, a), c.namespace) for a in self.fleet.desired.actor_ids}
+        # one gone for good while no controller ran is missing here: the first health check replaces it
+        self.actors: dict[int, ExpertHandle] = {a: ExpertHandle(h, a) for a, h in named.items() if h is not None}
         self.kv = KVShardKeeper(c, deployment, kv_shards, self.fleet.event)
         self.autoscale_state = AutoscaleState()
         self.starting: dict[int, Reply] = {}  # new actors: id -> their first ping
@@ -61,8 +59,8 @@ class Controller:
         self.starts = StartWatch(c.start_timeout_s)  # in its constructor that long: killed so Ray starts it again
         self._load_history = torch.zeros(0)
         self._writer = asyncio.Lock()
-        self._task: asyncio.Task | None = None
         self.metrics = ControllerMetrics()
+        self._task = asyncio.get_running_loop().create_task(self._loop()) if stored else None  # no start() then
 
     # ---- persistence ---------------------------------------------------------------------------------
     def _load(self) -> dict[str, Any] | None:
@@ -214,10 +212,13 @@ class Controller:
 
     async def _check_health(self, now: float) -> bool:
         f = self.fleet
+        missing = [a for a in f.desired.actor_ids if a not in self.actors]  # gone while no controller ran
+        for a in missing:
+            self._replace(a)
         ids = [a for a in f.desired.actor_ids if a in self.actors and a not in f.pending]
         oks = await asyncio.gather(*[self._ok(self.actors[a].ping()) for a in ids],
                                    *[self._ok(g.ping()) for g in self.gating])
-        changed = False
+        changed = bool(missing)
         for a, ok in zip(ids, oks[:len(ids)], strict=True):
             gone = not ok and not actor_exists(expert_actor_name(self.deployment, a), self.config.namespace)
             outcome = f.record_ping(a, ok, gone, now)
@@ -273,7 +274,7 @@ class Controller:
 
     def _start(self, a: int) -> None:
         request_device_if_short(self.config, self.fleet.event)
-        h = start_expert(self.config, self.deployment, a, self.fleet.desired.actor_slots(a))
+        h = start_expert(self.config, self.deployment, a, self.fleet.desired.actor_slots(a), detached=True)
         self.actors[a] = ExpertHandle(h, a)
         self._stats.pop(a, None)
         self.fleet.pending.add(a)

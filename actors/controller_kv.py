@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from moeray.actors.handles import RAY_CALL_ERRORS, GatingHandle, KVShardHandle, actor_exists
+from moeray.actors.handles import RAY_CALL_ERRORS, GatingHandle, KVShardHandle, actor_exists, named_actor
 from moeray.actors.spawn import kv_shard_name, start_kv_shard
 from moeray.common.config import ServeConfig
 from moeray.kvstore.ring import HashRing
@@ -21,7 +21,9 @@ class KVShardKeeper:
     def __init__(self, config: ServeConfig, deployment: str, shards: dict[str, Any] | None,
                  event: Callable[..., None]) -> None:
         self.config, self.deployment = config, deployment
-        self.shards = {sid: KVShardHandle(h, sid) for sid, h in (shards or {}).items()}
+        # by name: after a controller restart the handles it was built with may point at shards it replaced since
+        self.shards = {sid: KVShardHandle(named_actor(kv_shard_name(deployment, sid), config.namespace, h), sid)
+                       for sid, h in (shards or {}).items()}
         self._event = event
         self._started: dict[str, float] = {}
 
@@ -50,7 +52,7 @@ class KVShardKeeper:
         return HashRing(list(self.shards), replication=self.config.kv_store.replication)
 
     async def _replace(self, sid: str, gating: list[GatingHandle]) -> None:
-        self.shards[sid] = KVShardHandle(start_kv_shard(self.config, self.deployment, sid), sid)
+        self.shards[sid] = KVShardHandle(start_kv_shard(self.config, self.deployment, sid, detached=True), sid)
         self._event("kv_shard_replaced", shard=sid)
         await self._copy_to(sid, self._ring())
         await asyncio.gather(*[g.set_kv_shards(self.raw()).wait(self.config.control_timeout_s) for g in gating],

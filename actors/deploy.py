@@ -19,7 +19,15 @@ from typing import Any, TypeVar
 import ray
 
 from moeray.actors.gating import engine_config, load_tokenizer
-from moeray.actors.handles import ControllerHandle, ExpertHandle, GatingHandle, KVShardHandle, kill, results
+from moeray.actors.handles import (
+    ControllerHandle,
+    ExpertHandle,
+    GatingHandle,
+    KVShardHandle,
+    kill,
+    named_actor,
+    results,
+)
 from moeray.actors.resources import fit_to_cluster
 from moeray.actors.spawn import (
     expert_actor_name,
@@ -111,21 +119,26 @@ class Deployment:
                     "experts"]]
             except BackendUnavailableError:  # the controller restarting: the actors known so far
                 ids = sorted(self._experts)
-            self._experts = {a: self._lookup(expert_actor_name(self.name, a), self._experts.get(a)) for a in ids}
+            ns = self.config.namespace
+            self._experts = {a: named_actor(expert_actor_name(self.name, a), ns, self._experts.get(a)) for a in ids}
         return dict(self._experts)
 
     @property
     def kv_shards(self) -> dict[str, Any]:
         """Every KV-store shard's Ray handle by shard id; a shard the controller replaced is the new actor."""
         if self._controller is not None:
-            self._kv_shards = {s: self._lookup(kv_shard_name(self.name, s), h) for s, h in self._kv_shards.items()}
+            self._kv_shards = {s: named_actor(kv_shard_name(self.name, s), self.config.namespace, h)
+                               for s, h in self._kv_shards.items()}
         return dict(self._kv_shards)
 
-    def _lookup(self, actor_name: str, last: Any) -> Any:
+    def _named_leftovers(self) -> list[Any]:
+        """Every actor still registered under this deployment's names (`<name>-...` in its namespace)."""
         try:
-            return ray.get_actor(actor_name, namespace=self.config.namespace)
-        except ValueError:  # not registered right now (being replaced): the last handle known
-            return last
+            names = [n["name"] for n in ray.util.list_named_actors(all_namespaces=True)
+                     if n["namespace"] == self.config.namespace and n["name"].startswith(f"{self.name}-")]
+        except Exception:  # noqa: BLE001 - Ray itself unreachable: nothing more to find
+            return []
+        return [h for h in (named_actor(n, self.config.namespace) for n in names) if h is not None]
 
     @property
     def failovers(self) -> int:
@@ -224,6 +237,8 @@ class Deployment:
             internal_kv._internal_kv_del(table_key(self.name))
         for a in [self.controller] * (self.controller is not None) + list(self.gating) + experts + list(
                 self.kv_shards.values()):
+            kill(a)
+        for a in self._named_leftovers():  # the controller's (detached) actors it could not list just now
             kill(a)
         self.gating, self._experts, self._kv_shards, self.controller, self._controller = [], {}, {}, None, None
         self._owned = []

@@ -145,14 +145,15 @@ def _current_slots(deployment: str, namespace: str | None, actor_id: int, slots:
 def make_expert_actor(model_path: str, slots: dict[int, list[int]], actor_id: int, device: str, num_cpus: float,
                       allow_cpu_fallback: bool, torch_threads: int, max_restarts: int, name: str | None = None,
                       namespace: str | None = None, dtype: str = "float32", expert_quant: str = "none",
-                      tensor_transport: bool = False, deployment: str = ""):
+                      tensor_transport: bool = False, deployment: str = "", detached: bool = False):
     """Start one expert-group actor placed per `device` (restartable: Ray re-runs __init__ on restart).
     `tensor_transport`: enable Ray Direct Transport on it (forward_tensor; actors/rdt.py). `deployment`: whose
-    controller a restarted actor asks for its current slots."""
+    controller a restarted actor asks for its current slots. `detached`: not ended with the process that starts it
+    (the controller's actors: Ray ends an actor whose creator dies, and a controller restart is such a death)."""
     opts = actor_options(device, num_cpus)
     opts.update(max_restarts=max_restarts, max_task_retries=0)
     if name:
-        opts.update(name=name, namespace=namespace, lifetime=None)
+        opts.update(name=name, namespace=namespace, lifetime="detached" if detached else None)
     cls = ray.remote(concurrency_groups={"health": 1}, enable_tensor_transport=tensor_transport or None)(
         ExpertGroupActor).options(**opts)
     return cls.remote(model_path, slots, device, allow_cpu_fallback, torch_threads, actor_id, dtype,

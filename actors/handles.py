@@ -98,13 +98,17 @@ def results(replies: Sequence[Reply[T]], timeout_s: float | None = None) -> list
     return [r.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for r in replies]
 
 
+def named_actor(name: str, namespace: str, default: Any = None) -> Any:
+    """The actor registered under `name` now (alive, or being restarted by Ray), else `default`."""
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return default
+
+
 def actor_exists(name: str, namespace: str) -> bool:
     """True while a named actor is alive or being restarted by Ray (its name is held); False once gone for good."""
-    try:
-        ray.get_actor(name, namespace=namespace)
-        return True
-    except ValueError:
-        return False
+    return named_actor(name, namespace) is not None
 
 
 def constructor_pid(actor: Any) -> int:

@@ -1,8 +1,11 @@
 """Starting actors: the one place each role is made an actor (`ray.remote(Cls).options(...)`) and named.
 
 deploy() and the controller (replacements, new replicas, replaced KV shards) both start actors through these
-functions, so an actor started by either has the same options. Expert-group actors are placed by
-actors/devices.py through `make_expert_actor`.
+functions, so an actor started by either has the same options but one: the controller's are detached. Ray ends an
+actor when the process that created it dies, and a controller restart is such a death: without it every replica
+and replacement the controller made would go with it. deploy()'s actors end with the driver, as before; the
+detached ones are killed by `Deployment.shutdown` (by name). Expert-group actors are placed by actors/devices.py
+through `make_expert_actor`.
 """
 
 from __future__ import annotations
@@ -50,15 +53,18 @@ def _on_head() -> dict[str, Any]:
     return {"resources": {HEAD_RESOURCE: 0.01}} if ray.cluster_resources().get(HEAD_RESOURCE) else {}
 
 
-def start_expert(cfg: ServeConfig, deployment: str, actor_id: int, slots: dict[int, list[int]]) -> Any:
-    """One expert-group actor holding `slots` (layer -> expert ids), restartable by Ray."""
+def start_expert(cfg: ServeConfig, deployment: str, actor_id: int, slots: dict[int, list[int]],
+                 detached: bool = False) -> Any:
+    """One expert-group actor holding `slots` (layer -> expert ids), restartable by Ray; `detached` for the
+    controller's (see the module's docstring)."""
     return make_expert_actor(cfg.model, slots, actor_id, cfg.device, cfg.expert_num_cpus, cfg.allow_cpu_fallback,
                              cfg.threads_for("expert"), cfg.max_restarts, name=expert_actor_name(deployment, actor_id),
                              namespace=cfg.namespace, dtype=cfg.dtype, expert_quant=cfg.expert_quant,
-                             tensor_transport=tensor_transport_of(cfg) == "nixl", deployment=deployment)
+                             tensor_transport=tensor_transport_of(cfg) == "nixl", deployment=deployment,
+                             detached=detached)
 
 
-def start_kv_shard(cfg: ServeConfig, deployment: str, shard_id: str) -> Any:
+def start_kv_shard(cfg: ServeConfig, deployment: str, shard_id: str, detached: bool = False) -> Any:
     from moeray.actors.kvshard import KVShardActor
 
     kv = cfg.kv_store
@@ -67,7 +73,8 @@ def start_kv_shard(cfg: ServeConfig, deployment: str, shard_id: str) -> Any:
     spill_bytes = None if kv.spill_capacity_mb is None else int(kv.spill_capacity_mb * 2**20)
     cls = ray.remote(concurrency_groups={"health": 1})(KVShardActor)
     return cls.options(num_cpus=kv.shard_num_cpus, max_restarts=cfg.max_restarts, **_on_head(),
-                       name=kv_shard_name(deployment, shard_id), namespace=cfg.namespace).remote(
+                       name=kv_shard_name(deployment, shard_id), namespace=cfg.namespace,
+                       lifetime="detached" if detached else None).remote(
         shard_id, int(kv.shard_capacity_mb * 2**20), spill_dir, spill_bytes)
 
 

@@ -1,6 +1,8 @@
 """The controller on a running deployment: ops commands (status, scale, drain), EPLB on a skewed load with
-outputs unchanged, and a controller restart that keeps the routing table."""
+outputs unchanged, and a controller restart that keeps the routing table and the replicas the controller
+started; shutdown ends those too."""
 
+import os
 
 import pytest
 import ray
@@ -92,11 +94,52 @@ def test_concurrent_changes_are_serialised(dep):
 
 def test_controller_restart_keeps_routing_table(dep):
     before = ray.get(dep.controller.get_table.remote())
-    ray.kill(dep.controller, no_restart=False)
-    after = wait_for(lambda: _try(lambda: ray.get(dep.controller.get_table.remote(), timeout=5)))
+    _restart_controller(dep)
+    after = ray.get(dep.controller.get_table.remote(), timeout=30)
     assert after["version"] >= before["version"]
     assert after["replicas"] == before["replicas"]
     assert [len(o.token_ids) for o in dep.generate(PROMPTS, GREEDY)] == [12, 12, 12]
+
+
+def test_controller_restart_keeps_its_replicas_and_replaces_what_died_meanwhile(dep):
+    # Ray ends an actor when the process that created it dies: a replica the controller added must not go with a
+    # controller restart, and an actor that died for good while no controller ran is replaced by the next one
+    want = [o.token_ids for o in dep.generate(PROMPTS, GREEDY)]
+    group = 2
+    victim = dep.status()["groups"][str(group)][0]
+    added = dep.scale(group, 2)["replicas"][1]
+    wait_for(lambda: any(e["actor_id"] == added and e["routed"] for e in dep.status()["experts"]))
+    actors = dep.expert_actors
+    added_pid, victim_pid = _pid(actors[added]), _pid(actors[victim])
+    _restart_controller(dep, then=lambda: ray.kill(actors[victim], no_restart=True))  # gone for good meanwhile
+    assert _pid(dep.expert_actors[added]) == added_pid  # the same process: it outlived its creator
+    wait_for(lambda: {e["actor_id"] for e in dep.status()["experts"] if e["routed"]} >= {victim, added}, timeout_s=60)
+    assert _try(lambda: _pid(dep.expert_actors[victim])) not in (None, victim_pid)
+    assert [o.token_ids for o in dep.generate(PROMPTS, GREEDY)] == want
+    dep.drain(added)
+
+
+def test_shutdown_kills_the_actors_the_controller_started(ray_session):
+    d = deploy(ServeConfig(dtype="float32", model=str(build_skewed()), num_expert_groups=2, health_period_s=0.5))
+    added = d.scale(0, 2)["replicas"][1]
+    wait_for(lambda: any(e["actor_id"] == added and e["pending"] is False for e in d.status()["experts"]))
+    prefix = f"{d.name}-"
+    assert any(n["name"] == f"{prefix}expert-{added}" for n in ray.util.list_named_actors(all_namespaces=True))
+    d.shutdown()
+    wait_for(lambda: not [n for n in ray.util.list_named_actors(all_namespaces=True) if n["name"].startswith(prefix)])
+
+
+def _restart_controller(dep, then=lambda: None):
+    """Kill the controller so that Ray restarts it, run `then`, and return once a new process answers (a call
+    sent just after the kill may still be answered by the old one)."""
+    old = _pid(dep.controller)
+    ray.kill(dep.controller, no_restart=False)
+    then()
+    wait_for(lambda: _try(lambda: _pid(dep.controller) != old), what="a new controller process")
+
+
+def _pid(actor):
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
 
 
 def _try(fn):
