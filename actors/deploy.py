@@ -226,19 +226,16 @@ class Deployment:
 
     def shutdown(self) -> None:
         """Kill every actor of this deployment (the Ray session itself stays up)."""
-        experts = list(self._experts.values())
-        try:  # with a controller: the replicas it started itself, and the actors it replaced
-            experts += [a for a in self.expert_actors.values() if a not in experts]
-        except Exception:  # noqa: BLE001 - Ray itself unreachable: kill what we know
-            pass
         if self._controller is not None:
             from ray.experimental import internal_kv
 
             internal_kv._internal_kv_del(table_key(self.name))
-        for a in [self.controller] * (self.controller is not None) + list(self.gating) + experts + list(
-                self.kv_shards.values()):
+        for a in [self.controller] * (self.controller is not None) + list(self.gating) + list(
+                self._experts.values()) + list(self._kv_shards.values()):  # the handles known here
             kill(a)
-        for a in self._named_leftovers():  # the controller's (detached) actors it could not list just now
+        # then every actor still named for the deployment: the replicas and replacements the controller started
+        # (detached), and the live actor under a name where a handle known here points at one it replaced
+        for a in self._named_leftovers():
             kill(a)
         self.gating, self._experts, self._kv_shards, self.controller, self._controller = [], {}, {}, None, None
         self._owned = []
